@@ -1,0 +1,61 @@
+"""Contracts: the Pydantic models that cross a component boundary (frozen, strict, versioned)."""
+
+from esper.contracts.base import SCHEMA_VERSION, Contract
+from esper.contracts.kernels import (
+    BlueprintSpec,
+    KernelCharacterization,
+    KernelId,
+    KernelMetadata,
+    KernelTarget,
+    LayerKind,
+)
+from esper.contracts.library import (
+    BlueprintRecord,
+    BlueprintStatus,
+    CompileJob,
+    CompileJobStatus,
+    LibraryStats,
+)
+from esper.contracts.lifecycle import (
+    TRANSITIONS,
+    SeedState,
+    check_transition,
+    is_legal_transition,
+)
+from esper.contracts.messages import Envelope, HealthSignalBatch, KernelReady, Topic
+from esper.contracts.telemetry import (
+    CacheStats,
+    HealthSignal,
+    LayerStats,
+    ModelStats,
+    SeedHealth,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TRANSITIONS",
+    "BlueprintRecord",
+    "BlueprintSpec",
+    "BlueprintStatus",
+    "CacheStats",
+    "CompileJob",
+    "CompileJobStatus",
+    "Contract",
+    "Envelope",
+    "HealthSignal",
+    "HealthSignalBatch",
+    "KernelCharacterization",
+    "KernelId",
+    "KernelMetadata",
+    "KernelReady",
+    "KernelTarget",
+    "LayerKind",
+    "LayerStats",
+    "LibraryStats",
+    "ModelStats",
+    "SeedHealth",
+    "SeedState",
+    "Topic",
+    "check_transition",
+    "is_legal_transition",
+]

@@ -1,0 +1,62 @@
+"""Message-bus contracts: topics, the envelope every message travels in, and their payloads."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from esper.contracts.base import Contract
+from esper.contracts.kernels import KernelId, KernelTarget
+from esper.contracts.telemetry import HealthSignal
+
+
+class Topic(StrEnum):
+    """Topics on the Oona message bus."""
+
+    TELEMETRY_HEALTH = "telemetry.health"
+    """Batches of :class:`HealthSignal` flushed by a training process."""
+    KERNEL_READY = "kernel.ready"
+    """A compiled kernel was stored in Urza (:class:`KernelReady`)."""
+    CONTROL_KASMINA_COMMANDS = "control.kasmina.commands"
+    """Adaptation decisions for the training side to apply at a step boundary."""
+
+
+def _new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Envelope(Contract):
+    """One message on the bus: routing and tracing fields around a JSON payload.
+
+    ``payload_type`` names the contract the payload validates against (for example
+    ``"HealthSignalBatch"``) so a consumer can decode it without guessing.
+    """
+
+    event_id: str = Field(default_factory=_new_event_id, pattern=r"^[0-9a-f]{32}$")
+    topic: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,127}$")
+    sender: str = Field(min_length=1, max_length=200)
+    timestamp: float = Field(default_factory=time.time)
+    trace_id: str = Field(default_factory=_new_event_id, max_length=64)
+    payload_type: str = Field(min_length=1, max_length=100)
+    payload: dict[str, Any]
+
+
+class HealthSignalBatch(Contract):
+    """Payload of ``telemetry.health``: one telemetry flush of one training process."""
+
+    run_id: str
+    step: int = Field(ge=0)
+    signals: tuple[HealthSignal, ...]
+
+
+class KernelReady(Contract):
+    """Payload of ``kernel.ready``: a kernel compiled from a blueprint for a target is in Urza."""
+
+    kernel_id: KernelId
+    blueprint_id: KernelId
+    target: KernelTarget
+    job_id: str | None = None

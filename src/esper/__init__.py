@@ -1,3 +1,48 @@
-"""Esper: morphogenetic training for PyTorch: models that grow capacity where they need it."""
+"""Esper: morphogenetic training for PyTorch: models that grow capacity where they need it.
+
+Quick start::
+
+    import esper
+    model = esper.wrap(model, seeds_per_layer=4)         # dormant seeds: outputs unchanged
+    await model.load_kernel("fc1", seed_idx=0, kernel_artifact_id=kernel_id)
+    output = model(inputs)                                # base + alpha * kernel
+
+Importing ``esper`` imports only torch, pydantic and safetensors: optional backends (SQL drivers,
+Redis, boto3, FastAPI, torch_geometric) load when the component that needs them is used, and
+CUDA is never initialised by the import.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from esper.contracts import SeedState
+from esper.core import MorphableModel, unwrap, wrap
+from esper.execution import KasminaLayer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "KasminaLayer",
+    "MorphableModel",
+    "SeedState",
+    "__version__",
+    "configure_logging",
+    "unwrap",
+    "wrap",
+]
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Send Esper's log records (logger ``"esper"``) to stderr at ``level``.
+
+    Library code only logs; this is a convenience for scripts. Calling it again changes the level
+    without adding a second handler.
+    """
+    logger = logging.getLogger("esper")
+    logger.setLevel(level)
+    if not any(getattr(h, "_esper_handler", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._esper_handler = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)

@@ -54,7 +54,9 @@ class KernelTarget(Contract):
     @classmethod
     def _channel_dim_is_first_or_last(cls, value: int) -> int:
         if value not in (-1, 1):
-            raise ValueError(f"channel_dim must be -1 (features last) or 1 (channels first), got {value}")
+            raise ValueError(
+                f"channel_dim must be -1 (features last) or 1 (channels first), got {value}"
+            )
         return value
 
     def same_geometry(self, other: KernelTarget) -> bool:

@@ -42,7 +42,11 @@ class CompileJobStatus(StrEnum):
 
 
 class CompileJob(Contract):
-    """A request to compile one blueprint for one target layer geometry."""
+    """A request to compile one blueprint for one target layer geometry.
+
+    A worker claims a QUEUED job for ``lease_seconds``; a CLAIMED job whose lease lapsed (its
+    worker died mid-compile) can be claimed again, which increments ``attempts``.
+    """
 
     job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     blueprint_id: KernelId
@@ -52,6 +56,10 @@ class CompileJob(Contract):
     attempts: int = Field(default=0, ge=0)
     worker_id: str | None = None
     claimed_at: float | None = None
+    lease_expires_at: float | None = Field(
+        default=None,
+        description="while CLAIMED: when the claim lapses and another worker may reclaim the job",
+    )
     kernel_id: KernelId | None = None
     error: str | None = None
     created_at: float

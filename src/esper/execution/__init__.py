@@ -1,0 +1,25 @@
+"""Kasmina: the execution layer: seeds inside wrapped layers, their state layout, the kernel cache."""
+
+from esper.execution.artifact_sources import (
+    ArtifactSource,
+    DirectoryArtifactSource,
+    InMemoryArtifactSource,
+)
+from esper.execution.kasmina_layer import KasminaLayer, SeedEvents
+from esper.execution.kernel_cache import CachedKernel, KernelCache
+from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, LayerProfile
+from esper.execution.state_layout import SeedStateLayout
+
+__all__ = [
+    "SUPPORTED_LAYER_TYPES",
+    "ArtifactSource",
+    "CachedKernel",
+    "DirectoryArtifactSource",
+    "GraftPoint",
+    "InMemoryArtifactSource",
+    "KasminaLayer",
+    "KernelCache",
+    "LayerProfile",
+    "SeedEvents",
+    "SeedStateLayout",
+]

@@ -1,0 +1,594 @@
+"""KasminaLayer: a host layer with N seeds that can each carry a grafted, blended kernel.
+
+``y = base(x) + Σ_{running seeds i} alpha_i · kernel_i(u)`` where ``u`` is the layer's input or
+output depending on its kind (see :mod:`esper.execution.layer_kinds`).
+
+Performance contract (design invariants 1–6):
+
+* With no kernel running, the layer's ``forward`` *is* the base module's ``forward`` (bound at
+  lifecycle changes), so a dormant layer costs exactly one module call, as the unwrapped model.
+* Which seeds run is host state (``seed_state.running``), changed only by lifecycle calls;
+  alphas are device buffers; the forward never reads a device value on the host.
+* A kernel whose output is not finite contributes zero (``torch.where`` on the device) and is
+  counted on the device; it is quarantined when telemetry is next read.
+* A kernel that raises is bypassed for the rest of that forward and put in ERROR_RECOVERY.
+* Loading happens on the kernel cache's threads; this layer only checks a finished future at
+  step boundaries (:meth:`KasminaLayer.advance`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from esper.blueprints import build_kernel
+from esper.contracts import (
+    HealthSignal,
+    KernelTarget,
+    LayerStats,
+    SeedHealth,
+    SeedState,
+    check_transition,
+)
+from esper.errors import (
+    ConfigurationError,
+    KernelShapeMismatchError,
+    SeedIndexError,
+)
+from esper.execution.grafted_kernel import GraftedKernel, decode_spec
+from esper.execution.kernel_cache import CachedKernel, KernelCache
+from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, profile_layer
+from esper.execution.state_layout import (
+    LAYER_HEALTH_FIELDS,
+    SEED_HEALTH_FIELDS,
+    SeedStateLayout,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SeedEvents(Protocol):
+    """Receives a layer's structural changes (the morphable model forwards them to listeners)."""
+
+    def kernel_grafted(self, layer_name: str, seed_idx: int, module: nn.Module) -> None:
+        """A kernel's parameters joined the model (e.g. add them to the optimizer)."""
+        ...
+
+    def kernel_removed(self, layer_name: str, seed_idx: int, module: nn.Module) -> None:
+        """A kernel's parameters left the model (e.g. drop them from the optimizer)."""
+        ...
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _disable_fused_fast_paths(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook registered while kernels run; its presence is the point.
+
+    Fused inference paths such as ``nn.TransformerEncoderLayer``'s read their children's weights
+    directly and skip the children's forwards, which would silently drop grafted kernels. They
+    are disabled whenever a child module has a forward hook, so running kernels register this one.
+    """
+
+
+class KasminaLayer(nn.Module):
+    """Wraps one host module (kept as is, never copied) and gives it ``num_seeds`` seeds.
+
+    Args:
+        base: the host module; one of :data:`SUPPORTED_LAYER_TYPES`.
+        num_seeds: number of seeds.
+        layer_name: the layer's dotted name in the host model (for messages and telemetry).
+        blend_steps: steps over which a grafted kernel's alpha ramps from 0 to 1.
+        max_retries: faults tolerated before a seed gives up and returns to DORMANT.
+        retry_backoff_steps: steps before the first retry; doubles after each fault.
+        health_every: record health statistics on one forward every this many steps (0: never).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        num_seeds: int = 4,
+        layer_name: str = "",
+        blend_steps: int = 20,
+        max_retries: int = 3,
+        retry_backoff_steps: int = 10,
+        health_every: int = 10,
+    ) -> None:
+        super().__init__()
+        profile = profile_layer(base)
+        if profile is None:
+            supported = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
+            raise ConfigurationError(
+                f"layer {layer_name or type(base).__name__!r} is a {type(base).__name__}, which "
+                f"cannot carry seeds; supported layer types: {supported}"
+            )
+        if num_seeds < 1 or blend_steps < 1 or max_retries < 0 or retry_backoff_steps < 1:
+            raise ConfigurationError(
+                f"invalid seed settings for {layer_name!r}: num_seeds={num_seeds} (>= 1), "
+                f"blend_steps={blend_steps} (>= 1), max_retries={max_retries} (>= 0), "
+                f"retry_backoff_steps={retry_backoff_steps} (>= 1)"
+            )
+        self.base = base
+        self.seed_state = SeedStateLayout(num_seeds)
+        self.seeds = nn.ModuleDict()
+        self.profile = profile
+        self.layer_name = layer_name
+        self.blend_steps = blend_steps
+        self.max_retries = max_retries
+        self.retry_backoff_steps = retry_backoff_steps
+        self.health_every = health_every
+        self.last_errors: dict[int, BaseException] = {}
+        """The most recent load or kernel failure of each seed (for inspection; also logged)."""
+        self._kernels: list[GraftedKernel | None] = [None] * num_seeds
+        self._pending: dict[int, Future[CachedKernel]] = {}
+        self._cache: KernelCache | None = None
+        self._events: SeedEvents | None = None
+        self._step = 0
+        self._record_health = False
+        self._select_forward()
+        self.register_load_state_dict_post_hook(KasminaLayer._after_state_dict_load)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Base output plus blended kernels (normally replaced by the bound fast path)."""
+        return self._forward_morphed(*args, **kwargs)
+
+    def _select_forward(self) -> None:
+        """Bind ``self.forward`` to the cheapest path that is correct for the current state."""
+        running = bool(self.seed_state.running)
+        forward: Callable[..., Any]
+        if running or self._record_health:
+            forward = self._forward_morphed
+        elif _has_hooks(self.base):
+            forward = self.base  # call it as a module so the base's own hooks still run
+        else:
+            forward = self.base.forward
+        # object.__setattr__: a module assigned through nn.Module.__setattr__ would be registered
+        # as a child named "forward".
+        object.__setattr__(self, "forward", forward)
+        guards = [k for k, h in self._forward_pre_hooks.items() if h is _disable_fused_fast_paths]
+        if running and not guards:
+            self.register_forward_pre_hook(_disable_fused_fast_paths)
+        elif not running:
+            for key in guards:
+                del self._forward_pre_hooks[key]
+
+    def _forward_morphed(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        base_out = out[0] if self.profile.returns_tuple else out
+        if self.profile.graft_point is GraftPoint.INPUT:
+            kernel_in = args[0] if args else next(iter(kwargs.values()))
+        else:
+            kernel_in = base_out
+        record = self._record_health
+        y = base_out
+        for seed_idx in self.seed_state.running:
+            y = self._add_seed(y, kernel_in, seed_idx, record)
+        if record:
+            self._record_output_health(base_out)
+            self._record_health = False
+            self._select_forward()
+        if self.profile.returns_tuple:
+            return (y, *out[1:])
+        return y
+
+    def _add_seed(
+        self, y: torch.Tensor, kernel_in: torch.Tensor, seed_idx: int, record: bool
+    ) -> torch.Tensor:
+        grafted = self._kernels[seed_idx]
+        assert grafted is not None, "a running seed always holds a kernel"
+        try:
+            k = grafted(kernel_in)
+        except Exception as exc:  # a faulty kernel must never take training down
+            self._on_kernel_fault(seed_idx, exc)
+            return y
+        health = self.seed_state.seed_health[seed_idx]  # (3,)
+        finite = torch.isfinite(k.sum())
+        k = torch.where(finite, k, 0.0)
+        alpha = self.seed_state.alpha[seed_idx]
+        health[2].add_(finite.logical_not())
+        if record:
+            contribution_sq = (k.detach().float() * alpha).square().mean()
+            health[:2].add_(torch.stack([contribution_sq, torch.ones_like(contribution_sq)]))
+        return torch.addcmul(y, k, alpha.to(k.dtype))
+
+    def _record_output_health(self, base_out: torch.Tensor) -> None:
+        h = base_out.detach().float()
+        if self.profile.channel_dim == 1:
+            h = h.movedim(1, -1)  # (N, *S, C)
+        units = h.reshape(-1, h.shape[-1])  # (M, C)
+        mean = units.mean()
+        sq_mean = units.square().mean()
+        dead = (units > 0).any(dim=0).logical_not().float().mean()
+        stats = torch.stack([torch.ones_like(mean), mean, sq_mean, dead])  # (4,)
+        self.seed_state.layer_health.add_(stats)
+
+    def __getattr__(self, name: str) -> Any:
+        """Fall back to the base module's attributes (``layer.weight``, ``attn.batch_first``...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base")
+            if base is None or name == "base":
+                raise
+            return getattr(base, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave loads in flight behind (a future belongs to one process)."""
+        state = super().__getstate__()
+        state["_pending"] = {}
+        return state
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def num_seeds(self) -> int:
+        """Number of seeds of this layer."""
+        return self.seed_state.num_seeds
+
+    @property
+    def seed_states(self) -> tuple[SeedState, ...]:
+        """Current state of every seed (host mirror; no device read)."""
+        return tuple(slot.state for slot in self.seed_state.slots)
+
+    def target(self) -> KernelTarget:
+        """The kernel geometry this layer's seeds accept, in the base layer's dtype and device."""
+        reference = next(iter((*self.base.parameters(), *self.base.buffers())), None)
+        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+        device = reference.device if reference is not None else torch.device("cpu")
+        return self.profile.target(dtype=str(dtype).removeprefix("torch."), device=str(device))
+
+    def attach(self, cache: KernelCache, events: SeedEvents | None = None) -> None:
+        """Use ``cache`` to load kernels and report structural changes to ``events``."""
+        self._cache = cache
+        object.__setattr__(self, "_events", events)  # a back-reference, not a child module
+
+    def request_kernel(self, seed_idx: int, kernel_id: str) -> Future[CachedKernel]:
+        """Start loading ``kernel_id`` into a DORMANT seed (-> LOADING); never blocks.
+
+        The kernel is grafted at the next :meth:`advance` after the load finishes (or by
+        :meth:`complete_load`).
+        """
+        self._check_seed(seed_idx)
+        if self._cache is None:
+            raise ConfigurationError(
+                f"layer {self.layer_name!r} has no kernel cache; wrap the model with esper.wrap() "
+                "or call attach(cache) first"
+            )
+        self.seed_state.transition(seed_idx, SeedState.LOADING, where=self._where(seed_idx))
+        self.seed_state.set_kernel_id(seed_idx, kernel_id)
+        future = self._cache.get(kernel_id)
+        self._pending[seed_idx] = future
+        return future
+
+    def complete_load(self, seed_idx: int) -> bool:
+        """Graft a LOADING seed's kernel if its load finished; return whether the seed left LOADING.
+
+        A failed load returns the seed to DORMANT and re-raises nothing: the error is logged and
+        kept in :attr:`last_errors` (use the future from :meth:`request_kernel` to get it raised).
+        """
+        future = self._pending.get(seed_idx)
+        if future is None or not future.done():
+            return False
+        del self._pending[seed_idx]
+        exc = future.exception()
+        if exc is None:
+            try:
+                self.graft(seed_idx, future.result())
+                return True
+            except (KernelShapeMismatchError, ConfigurationError) as graft_exc:
+                exc = graft_exc
+        self._fail_load(seed_idx, exc)
+        return True
+
+    def graft(self, seed_idx: int, cached: CachedKernel) -> nn.Module:
+        """Graft a loaded kernel into a LOADING seed (-> BLENDING at alpha 0); return its module.
+
+        Raises:
+            KernelShapeMismatchError: the kernel was built for another layer geometry.
+        """
+        self._check_seed(seed_idx)
+        check_transition(
+            self.seed_state.slots[seed_idx].state, SeedState.BLENDING, where=self._where(seed_idx)
+        )
+        expected = self.target()
+        built_for = cached.metadata.target
+        if not expected.same_geometry(built_for):
+            raise KernelShapeMismatchError(
+                f"{self._where(seed_idx)}: kernel {cached.metadata.kernel_id[:12]} was built for "
+                f"{built_for.describe()} but this layer needs {expected.describe()}; compile the "
+                "blueprint for this layer's shape"
+            )
+        reference = next(iter((*self.base.parameters(), *self.base.buffers())), None)
+        device = reference.device if reference is not None else torch.device("cpu")
+        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+        grafted = GraftedKernel(
+            cached.instantiate(device=device, dtype=dtype),
+            cached.metadata.blueprint,
+            built_for,
+        )
+        self.seed_state.transition(seed_idx, SeedState.BLENDING, where=self._where(seed_idx))
+        self.seed_state.set_kernel_id(seed_idx, cached.metadata.kernel_id)
+        self.seed_state.set_alpha(seed_idx, 0.0)
+        self.seed_state.set_blend_steps(seed_idx, 0)
+        self._install(seed_idx, grafted)
+        self._select_forward()
+        return grafted.kernel
+
+    def unload(self, seed_idx: int) -> None:
+        """Cull a seed's kernel (LOADING/BLENDING/ACTIVE/ERROR_RECOVERY -> DORMANT)."""
+        self._check_seed(seed_idx)
+        self.seed_state.transition(seed_idx, SeedState.DORMANT, where=self._where(seed_idx))
+        self._pending.pop(seed_idx, None)
+        self._reset_seed(seed_idx)
+
+    def fossilize(self, seed_idx: int) -> None:
+        """Keep an ACTIVE seed's kernel permanently (ACTIVE -> FOSSILIZED)."""
+        self._check_seed(seed_idx)
+        self.seed_state.transition(seed_idx, SeedState.FOSSILIZED, where=self._where(seed_idx))
+
+    def set_alpha(self, seed_idx: int, value: float) -> None:
+        """Override the blend weight of a seed that holds a kernel (0 <= value <= 1)."""
+        self._check_seed(seed_idx)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigurationError(f"alpha must be within [0, 1], got {value}")
+        if not self.seed_state.slots[seed_idx].state.runs_kernel:
+            raise ConfigurationError(
+                f"{self._where(seed_idx)} is {self.seed_state.slots[seed_idx].state.name}: only a "
+                "seed in BLENDING, ACTIVE or FOSSILIZED has an alpha to set"
+            )
+        self.seed_state.set_alpha(seed_idx, value)
+
+    def advance(self, step: int) -> None:
+        """Step boundary: graft finished loads, ramp alphas, retry faulted seeds, arm telemetry."""
+        self._step = step
+        for seed_idx in list(self._pending):
+            self.complete_load(seed_idx)
+        for seed_idx, slot in enumerate(self.seed_state.slots):
+            if slot.state is SeedState.BLENDING:
+                self._ramp(seed_idx, slot.blend_steps_done + 1)
+            elif not slot.state.runs_kernel:
+                self._drop_kernel(seed_idx)  # a faulted kernel leaves at the step boundary
+            if (
+                slot.state is SeedState.ERROR_RECOVERY
+                and step >= slot.retry_after_step
+                and slot.kernel_id is not None
+            ):
+                self._retry(seed_idx, slot.kernel_id)
+        if self.health_every and step % self.health_every == 0 and not self._record_health:
+            self._record_health = True
+            self._select_forward()
+
+    def _ramp(self, seed_idx: int, steps_done: int) -> None:
+        self.seed_state.set_blend_steps(seed_idx, steps_done)
+        self.seed_state.set_alpha(seed_idx, min(1.0, steps_done / self.blend_steps))
+        if steps_done >= self.blend_steps:
+            self.seed_state.transition(seed_idx, SeedState.ACTIVE, where=self._where(seed_idx))
+
+    def _retry(self, seed_idx: int, kernel_id: str) -> None:
+        logger.info("%s: retrying kernel %s", self._where(seed_idx), kernel_id[:12])
+        self.seed_state.transition(seed_idx, SeedState.LOADING, where=self._where(seed_idx))
+        assert self._cache is not None
+        self._pending[seed_idx] = self._cache.get(kernel_id)
+
+    def _on_kernel_fault(self, seed_idx: int, exc: BaseException) -> None:
+        """A kernel raised or produced non-finite output: bypass it and schedule a retry."""
+        slot = self.seed_state.slots[seed_idx]
+        errors = slot.error_count + 1
+        self.last_errors[seed_idx] = exc
+        if errors > self.max_retries:
+            logger.warning(
+                "%s: kernel failed %d times (last: %s); giving up, seed back to DORMANT",
+                self._where(seed_idx),
+                errors,
+                exc,
+            )
+            self.seed_state.transition(
+                seed_idx, SeedState.ERROR_RECOVERY, where=self._where(seed_idx)
+            )
+            self.seed_state.transition(seed_idx, SeedState.DORMANT, where=self._where(seed_idx))
+            self.seed_state.set_errors(seed_idx, error_count=errors, retry_after_step=0)
+            self.seed_state.set_kernel_id(seed_idx, None)
+            self.seed_state.set_alpha(seed_idx, 0.0)
+        else:
+            retry_after = self._step + self.retry_backoff_steps * 2 ** (errors - 1)
+            logger.warning(
+                "%s: kernel fault (%s); bypassed, retry %d/%d at step %d",
+                self._where(seed_idx),
+                exc,
+                errors,
+                self.max_retries,
+                retry_after,
+            )
+            self.seed_state.transition(
+                seed_idx, SeedState.ERROR_RECOVERY, where=self._where(seed_idx)
+            )
+            self.seed_state.set_errors(seed_idx, error_count=errors, retry_after_step=retry_after)
+        self._select_forward()
+
+    def _fail_load(self, seed_idx: int, exc: BaseException) -> None:
+        self.last_errors[seed_idx] = exc
+        logger.warning(
+            "%s: kernel load failed, seed back to DORMANT: %s", self._where(seed_idx), exc
+        )
+        self.seed_state.transition(seed_idx, SeedState.DORMANT, where=self._where(seed_idx))
+        self._reset_seed(seed_idx)
+
+    def _reset_seed(self, seed_idx: int) -> None:
+        self._drop_kernel(seed_idx)
+        self.seed_state.set_kernel_id(seed_idx, None)
+        self.seed_state.set_alpha(seed_idx, 0.0)
+        self.seed_state.set_blend_steps(seed_idx, 0)
+        self._select_forward()
+
+    def _install(self, seed_idx: int, grafted: GraftedKernel) -> None:
+        self._drop_kernel(seed_idx)
+        self.seeds[str(seed_idx)] = grafted
+        self._kernels[seed_idx] = grafted
+        if self._events is not None:
+            self._events.kernel_grafted(self.layer_name, seed_idx, grafted.kernel)
+
+    def _drop_kernel(self, seed_idx: int) -> None:
+        grafted = self._kernels[seed_idx]
+        if grafted is None:
+            return
+        del self.seeds[str(seed_idx)]
+        self._kernels[seed_idx] = None
+        if self._events is not None:
+            self._events.kernel_removed(self.layer_name, seed_idx, grafted.kernel)
+
+    def kernel(self, seed_idx: int) -> nn.Module | None:
+        """The kernel module grafted in a seed, if any."""
+        self._check_seed(seed_idx)
+        grafted = self._kernels[seed_idx]
+        return grafted.kernel if grafted is not None else None
+
+    def _check_seed(self, seed_idx: int) -> None:
+        if not isinstance(seed_idx, int) or not 0 <= seed_idx < self.num_seeds:
+            raise SeedIndexError(
+                f"seed index {seed_idx!r} is out of range for layer {self.layer_name!r}, which has "
+                f"{self.num_seeds} seeds (valid: 0..{self.num_seeds - 1})"
+            )
+
+    def _where(self, seed_idx: int) -> str:
+        return f"layer {self.layer_name!r} seed {seed_idx}"
+
+    # -- telemetry -----------------------------------------------------------------------------
+
+    def health_tensor(self) -> torch.Tensor:
+        """This window's accumulators and the base grad norm as one flat device tensor.
+
+        Layout: ``layer_health`` (4), ``seed_health`` (N*3), grad norm (1; -1 when no grads).
+        """
+        grads = [p.grad for p in self.base.parameters() if p.grad is not None]
+        state = self.seed_state
+        if grads:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+            ).reshape(1)
+        else:
+            grad_norm = torch.full((1,), -1.0, device=state.layer_health.device)
+        return torch.cat([state.layer_health, state.seed_health.reshape(-1), grad_norm])
+
+    @staticmethod
+    def health_tensor_size(num_seeds: int) -> int:
+        """Length of :meth:`health_tensor` for a layer with ``num_seeds`` seeds."""
+        return len(LAYER_HEALTH_FIELDS) + num_seeds * len(SEED_HEALTH_FIELDS) + 1
+
+    def health_signal(self, values: list[float], *, step: int, timestamp: float) -> HealthSignal:
+        """Turn this layer's slice of the health transfer into a :class:`HealthSignal`.
+
+        Also quarantines every running seed whose kernel produced non-finite output in the window,
+        and resets the accumulators.
+        """
+        samples, mean_sum, sq_mean_sum, dead_sum = values[:4]
+        n_fields = len(SEED_HEALTH_FIELDS)
+        seeds = []
+        for seed_idx, slot in enumerate(self.seed_state.slots):
+            contribution_sq, recorded, nonfinite = values[4 + seed_idx * n_fields :][:n_fields]
+            if nonfinite > 0 and slot.state.runs_kernel:
+                self._on_kernel_fault(
+                    seed_idx, FloatingPointError(f"non-finite output in {int(nonfinite)} forwards")
+                )
+            seeds.append(
+                SeedHealth(
+                    seed_idx=seed_idx,
+                    state=slot.state,
+                    alpha=slot.alpha,
+                    kernel_id=slot.kernel_id,
+                    contribution_rms=(contribution_sq / recorded) ** 0.5 if recorded else 0.0,
+                    nonfinite_forwards=int(nonfinite),
+                    error_count=slot.error_count,
+                )
+            )
+        grad_norm = values[-1]
+        self.seed_state.reset_health()
+        mean = mean_sum / samples if samples else 0.0
+        variance = max(0.0, sq_mean_sum / samples - mean * mean) if samples else 0.0
+        return HealthSignal(
+            layer_name=self.layer_name,
+            layer_kind=self.profile.kind,
+            step=step,
+            timestamp=timestamp,
+            samples=int(samples),
+            output_mean=mean,
+            output_std=variance**0.5,
+            dead_fraction=min(1.0, max(0.0, dead_sum / samples)) if samples else 0.0,
+            grad_norm=grad_norm if grad_norm >= 0 else None,
+            seeds=tuple(seeds),
+        )
+
+    def stats(self) -> LayerStats:
+        """Parameter counts and seed states of this layer."""
+        counts = dict.fromkeys(SeedState, 0)
+        for slot in self.seed_state.slots:
+            counts[slot.state] += 1
+        return LayerStats(
+            layer_name=self.layer_name,
+            layer_kind=self.profile.kind,
+            base_parameters=sum(p.numel() for p in self.base.parameters()),
+            kernel_parameters=sum(p.numel() for p in self.seeds.parameters()),
+            seeds_by_state=counts,
+            kernel_ids=tuple(slot.kernel_id for slot in self.seed_state.slots),
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Before the children load: rebuild the seed modules the checkpoint holds."""
+        spec_keys = {
+            int(key[len(prefix) :].split(".")[1]): key
+            for key in state_dict
+            if key.startswith(prefix + "seeds.") and key.endswith(".spec")
+        }
+        for seed_idx in range(self.num_seeds):
+            if seed_idx not in spec_keys:
+                self._drop_kernel(seed_idx)
+                continue
+            spec, target = decode_spec(state_dict[spec_keys[seed_idx]])
+            reference = next(iter((*self.base.parameters(), *self.base.buffers())), None)
+            kernel = build_kernel(
+                spec,
+                target.model_copy(
+                    update={"dtype": str(reference.dtype).removeprefix("torch.")}
+                    if reference is not None
+                    else {}
+                ),
+                device=reference.device if reference is not None else "cpu",
+            )
+            self._install(seed_idx, GraftedKernel(kernel, spec, target))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _after_state_dict_load(self, incompatible_keys: Any) -> None:
+        """After everything loaded: rebuild the host mirror; interrupted loads become DORMANT."""
+        self._pending.clear()
+        self.seed_state.reload_from_buffers()
+        for seed_idx, slot in enumerate(self.seed_state.slots):
+            if slot.state is SeedState.LOADING:
+                self.seed_state.transition(seed_idx, SeedState.DORMANT, where=self._where(seed_idx))
+                self._reset_seed(seed_idx)
+        self._select_forward()

@@ -1,0 +1,151 @@
+"""SQL schema of the library: its three tables, the accepted database URLs, engine and schema setup.
+
+Blueprint, kernel and compile-job rows live in tables prefixed ``urza_``, created when a store is
+opened (``create_all``; concurrent openers on PostgreSQL are serialized by an advisory lock).
+SQLite runs in WAL mode with a 30 s busy timeout so several processes and threads can share one
+file. SQLAlchemy and the database drivers are imported with this module, never by
+``import esper.urza``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from esper.errors import ConfigurationError
+
+ACCEPTED_SCHEMES = ("sqlite:///<path>", "postgresql://<user>@<host>:<port>/<database>")
+
+_SCHEMA_LOCK_KEY = 7405217
+"""PostgreSQL advisory-lock key held while the schema is created."""
+
+schema = MetaData()
+
+blueprints_table = Table(
+    "urza_blueprints",
+    schema,
+    Column("blueprint_id", String(64), primary_key=True),
+    Column("spec_json", Text, nullable=False),
+    Column("name", String(200)),
+    Column("status", String(16), nullable=False, index=True),
+    Column("reason", Text),
+    Column("created_at", Float, nullable=False),
+)
+
+kernels_table = Table(
+    "urza_kernels",
+    schema,
+    Column("kernel_id", String(64), primary_key=True),
+    Column("blueprint_id", String(64), nullable=False, index=True),
+    Column("in_features", Integer, nullable=False),
+    Column("out_features", Integer, nullable=False),
+    Column("channel_dim", Integer, nullable=False),
+    Column("spatial_dims", Integer, nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("dtype", String(32), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("metadata_json", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+jobs_table = Table(
+    "urza_compile_jobs",
+    schema,
+    Column("job_id", String(32), primary_key=True),
+    Column("blueprint_id", String(64), nullable=False, index=True),
+    Column("target_json", Text, nullable=False),
+    Column("init_seed", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False),
+    Column("worker_id", String(200)),
+    Column("claimed_at", Float),
+    Column("lease_expires_at", Float),
+    Column("kernel_id", String(64)),
+    Column("error", Text),
+    Column("created_at", Float, nullable=False, index=True),
+)
+
+
+def database_url(url: str) -> URL:
+    """Parse a metadata URL; ``postgresql://`` selects the psycopg 3 driver.
+
+    Raises:
+        ConfigurationError: for a URL that is neither SQLite nor PostgreSQL.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise ConfigurationError(
+            f"metadata URL {url!r} is not a URL ({error}); accepted: {', '.join(ACCEPTED_SCHEMES)}."
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigurationError(
+                f"metadata URL {url!r} names no SQLite file; the library is shared between "
+                "threads and processes, so give a file: sqlite:///runs/urza/urza.sqlite3."
+            )
+        return parsed
+    raise ConfigurationError(
+        f"metadata URL {url!r} has an unsupported scheme {parsed.drivername!r}; accepted: "
+        f"{', '.join(ACCEPTED_SCHEMES)}."
+    )
+
+
+def create_engine_for(url: URL) -> Engine:
+    """An engine for a parsed metadata URL (SQLite: WAL mode, 30 s busy timeout)."""
+    if url.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True)
+    Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30.0, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the tables that do not exist yet (safe with concurrent openers)."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            # CREATE TABLE races fail on PostgreSQL's catalogs: one opener at a time.
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})"))
+            schema.create_all(conn)
+        return
+    try:
+        schema.create_all(engine)
+    except OperationalError as error:
+        if "already exists" not in str(error):
+            raise
+        schema.create_all(engine)  # another opener created a table first
+
+
+def insert_ignoring_duplicates(conn: Connection, table: Table, values: dict[str, Any]) -> int:
+    """``INSERT … ON CONFLICT DO NOTHING``; returns the number of rows inserted (0 or 1)."""
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = dialect_insert(table).values(**values).on_conflict_do_nothing()
+    return int(conn.execute(statement).rowcount)

@@ -253,26 +253,25 @@ class RedisSubscription:
             return int(summary["pending"])
 
     def _read_new(self, max_messages: int, block_ms: int | None) -> list[Any]:
-        """One ``XREADGROUP``; recreates the group if its stream was deleted meanwhile."""
+        """One ``XREADGROUP``, recreating the group if its stream vanished (e.g. Redis restarted)."""
         try:
-            response: Any = self._client.xreadgroup(
-                self.group,
-                self.consumer,
-                {self.stream_key: ">"},
-                count=max_messages,
-                block=block_ms,
-            )
+            response: Any = self._xreadgroup(max_messages, block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             logger.warning("group %s of %s vanished; recreating it", self.group, self.stream_key)
             self.create_group("earliest")
-            return []
+            response = self._xreadgroup(max_messages, block_ms)
         if not response:
             return []
         if isinstance(response, dict):  # RESP3: {stream: [entries]}
             return list(next(iter(response.values())))
         return list(response[0][1])  # RESP2: [[stream, [entries]]]
+
+    def _xreadgroup(self, max_messages: int, block_ms: int | None) -> Any:
+        return self._client.xreadgroup(
+            self.group, self.consumer, {self.stream_key: ">"}, count=max_messages, block=block_ms
+        )
 
     def _delivery_counts(self, entries: list[Any]) -> dict[str, int]:
         """Delivery count of each claimed message, from ``XPENDING`` (one pipelined round trip)."""

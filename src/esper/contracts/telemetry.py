@@ -19,7 +19,9 @@ class SeedHealth(Contract):
     contribution_rms: float = Field(
         ge=0, description="root-mean-square of alpha * kernel output over the recorded forwards"
     )
-    nonfinite_forwards: int = Field(ge=0, description="forwards whose kernel output was not finite")
+    nonfinite_output: bool = Field(
+        description="whether any kernel output in the window was NaN or infinite (then quarantined)"
+    )
     error_count: int = Field(ge=0)
 
 

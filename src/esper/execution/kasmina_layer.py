@@ -19,6 +19,7 @@ Performance contract (design invariants 1–6):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -124,6 +125,8 @@ class KasminaLayer(nn.Module):
         self.seed_state = SeedStateLayout(num_seeds)
         self.seeds = nn.ModuleDict()
         self.profile = profile
+        self._reads_input = profile.graft_point is GraftPoint.INPUT
+        self._returns_tuple = profile.returns_tuple
         self.layer_name = layer_name
         self.blend_steps = blend_steps
         self.max_retries = max_retries
@@ -137,6 +140,7 @@ class KasminaLayer(nn.Module):
         self._events: SeedEvents | None = None
         self._step = 0
         self._record_health = False
+        self._running_seeds: tuple[tuple[int, Any, torch.Tensor, torch.Tensor], ...] = ()
         self._select_forward()
         self.register_load_state_dict_post_hook(KasminaLayer._after_state_dict_load)
 
@@ -147,10 +151,17 @@ class KasminaLayer(nn.Module):
         return self._forward_morphed(*args, **kwargs)
 
     def _select_forward(self) -> None:
-        """Bind ``self.forward`` to the cheapest path that is correct for the current state."""
-        running = bool(self.seed_state.running)
+        """Bind ``self.forward`` to the cheapest path that is correct for the current state.
+
+        Also rebuilds ``_running_seeds``: per running seed, its kernel and views of its alpha and
+        health buffers, so the forward does no indexing or attribute lookups per seed.
+        """
+        state = self.seed_state
+        self._running_seeds = tuple(
+            (i, self._kernels[i], state.alpha[i], state.seed_health[i]) for i in state.running
+        )
         forward: Callable[..., Any]
-        if running or self._record_health:
+        if self._running_seeds or self._record_health:
             forward = self._forward_morphed
         elif _has_hooks(self.base):
             forward = self.base  # call it as a module so the base's own hooks still run
@@ -160,50 +171,44 @@ class KasminaLayer(nn.Module):
         # as a child named "forward".
         object.__setattr__(self, "forward", forward)
         guards = [k for k, h in self._forward_pre_hooks.items() if h is _disable_fused_fast_paths]
-        if running and not guards:
+        if self._running_seeds and not guards:
             self.register_forward_pre_hook(_disable_fused_fast_paths)
-        elif not running:
+        elif not self._running_seeds:
             for key in guards:
                 del self._forward_pre_hooks[key]
 
     def _forward_morphed(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
-        base_out = out[0] if self.profile.returns_tuple else out
-        if self.profile.graft_point is GraftPoint.INPUT:
+        base_out = out[0] if self._returns_tuple else out
+        if self._reads_input:
             kernel_in = args[0] if args else next(iter(kwargs.values()))
         else:
             kernel_in = base_out
         record = self._record_health
         y = base_out
-        for seed_idx in self.seed_state.running:
-            y = self._add_seed(y, kernel_in, seed_idx, record)
+        for seed_idx, grafted, alpha, health in self._running_seeds:
+            try:
+                k = grafted(kernel_in)
+            except Exception as exc:  # a faulty kernel must never take training down
+                self._on_kernel_fault(seed_idx, exc)
+                continue
+            k_sum = k.sum()
+            health[2].add_(k_sum.detach())  # stays finite iff every output in the window was
+            # Non-finite output contributes exactly zero without a host read: nan_to_num makes
+            # every element finite and the scale drops to zero.
+            scale = alpha * torch.isfinite(k_sum)
+            k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+            if record:
+                contribution_sq = (k.detach().float() * scale).square().mean()
+                health[:2].add_(torch.stack([contribution_sq, torch.ones_like(contribution_sq)]))
+            y = torch.addcmul(y, k, scale)
         if record:
             self._record_output_health(base_out)
             self._record_health = False
             self._select_forward()
-        if self.profile.returns_tuple:
+        if self._returns_tuple:
             return (y, *out[1:])
         return y
-
-    def _add_seed(
-        self, y: torch.Tensor, kernel_in: torch.Tensor, seed_idx: int, record: bool
-    ) -> torch.Tensor:
-        grafted = self._kernels[seed_idx]
-        assert grafted is not None, "a running seed always holds a kernel"
-        try:
-            k = grafted(kernel_in)
-        except Exception as exc:  # a faulty kernel must never take training down
-            self._on_kernel_fault(seed_idx, exc)
-            return y
-        health = self.seed_state.seed_health[seed_idx]  # (3,)
-        finite = torch.isfinite(k.sum())
-        k = torch.where(finite, k, 0.0)
-        alpha = self.seed_state.alpha[seed_idx]
-        health[2].add_(finite.logical_not())
-        if record:
-            contribution_sq = (k.detach().float() * alpha).square().mean()
-            health[:2].add_(torch.stack([contribution_sq, torch.ones_like(contribution_sq)]))
-        return torch.addcmul(y, k, alpha.to(k.dtype))
 
     def _record_output_health(self, base_out: torch.Tensor) -> None:
         h = base_out.detach().float()
@@ -227,10 +232,23 @@ class KasminaLayer(nn.Module):
             return getattr(base, name)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles leave loads in flight behind (a future belongs to one process)."""
+        """Copies and pickles leave loads in flight behind (a future belongs to one process) and
+        rebuild the bound forward and buffer views for the copy (see ``__setstate__``)."""
         state = super().__getstate__()
         state["_pending"] = {}
+        state.pop("forward", None)
+        state["_running_seeds"] = ()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._select_forward()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> KasminaLayer:
+        """``.to()``/``.float()``/...: buffers are replaced, so rebind the per-seed views."""
+        super()._apply(fn, recurse)
+        self._select_forward()
+        return self
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -498,11 +516,10 @@ class KasminaLayer(nn.Module):
         n_fields = len(SEED_HEALTH_FIELDS)
         seeds = []
         for seed_idx, slot in enumerate(self.seed_state.slots):
-            contribution_sq, recorded, nonfinite = values[4 + seed_idx * n_fields :][:n_fields]
-            if nonfinite > 0 and slot.state.runs_kernel:
-                self._on_kernel_fault(
-                    seed_idx, FloatingPointError(f"non-finite output in {int(nonfinite)} forwards")
-                )
+            contribution_sq, recorded, output_sum = values[4 + seed_idx * n_fields :][:n_fields]
+            nonfinite = not math.isfinite(output_sum)
+            if nonfinite and slot.state.runs_kernel:
+                self._on_kernel_fault(seed_idx, FloatingPointError("kernel output was not finite"))
             seeds.append(
                 SeedHealth(
                     seed_idx=seed_idx,
@@ -510,7 +527,7 @@ class KasminaLayer(nn.Module):
                     alpha=slot.alpha,
                     kernel_id=slot.kernel_id,
                     contribution_rms=(contribution_sq / recorded) ** 0.5 if recorded else 0.0,
-                    nonfinite_forwards=int(nonfinite),
+                    nonfinite_output=nonfinite,
                     error_count=slot.error_count,
                 )
             )

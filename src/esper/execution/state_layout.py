@@ -24,8 +24,9 @@ KERNEL_ID_BYTES = 32
 LAYER_HEALTH_FIELDS = ("samples", "mean_sum", "sq_mean_sum", "dead_fraction_sum")
 """Columns of ``layer_health``: recorded forwards and running sums of per-forward statistics."""
 
-SEED_HEALTH_FIELDS = ("contribution_sq_sum", "recorded_forwards", "nonfinite_forwards")
-"""Columns of ``seed_health``: per-seed running sums (mean square of alpha·kernel output, ...)."""
+SEED_HEALTH_FIELDS = ("contribution_sq_sum", "recorded_forwards", "output_sum")
+"""Columns of ``seed_health``: per-seed running sums. ``output_sum`` adds up every forward's
+kernel output sum: it stays finite exactly when every output in the window was finite."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,12 +22,34 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import free_port, wait_for_port
 from esper.contracts import Envelope, KernelReady, KernelTarget, LayerKind, Topic
 from esper.oona import BackgroundPublisher, BusUnavailableError, make_envelope, open_bus
 from esper.oona.redis_streams import RedisStreamsBus
 
 pytestmark = pytest.mark.services
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Same as the helper in ``tests/conftest.py``; copied because ``from conftest import`` picks up
+    whichever ``conftest`` module pytest imported last (``tests/unit/*/conftest.py`` exist too).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    """Block until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
 def kernel_ready(index: int) -> KernelReady:

@@ -11,8 +11,6 @@ from esper.contracts import (
     KernelReady,
     KernelTarget,
     LayerKind,
-    SeedHealth,
-    SeedState,
 )
 
 
@@ -42,16 +40,7 @@ def _health_signal(layer_name: str = "fc1", step: int = 10) -> HealthSignal:
         output_std=1.5,
         dead_fraction=0.125,
         grad_norm=0.5,
-        seeds=(
-            SeedHealth(
-                seed_idx=0,
-                state=SeedState.DORMANT,
-                alpha=0.0,
-                contribution_rms=0.0,
-                nonfinite_forwards=0,
-                error_count=0,
-            ),
-        ),
+        seeds=(),  # seed health is Kasmina's business; Oona only carries it
     )
 
 

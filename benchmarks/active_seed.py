@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from dormant_overhead import forward_backward, forward_eval, mlp
-from ratio_timer import compare
 from torch import nn
 
 import esper
+from dormant_overhead import forward_backward, forward_eval, mlp
 from esper.blueprints import create_artifact
 from esper.contracts import BlueprintSpec, SeedState
 from esper.execution import InMemoryArtifactSource
+from ratio_timer import compare
 
 
 class HandWrittenAdapter(nn.Module):

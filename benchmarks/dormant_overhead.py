@@ -13,10 +13,10 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
-from ratio_timer import RatioResult, compare
 from torch import nn
 
 import esper
+from ratio_timer import RatioResult, compare
 
 
 def mlp() -> nn.Module:

@@ -13,13 +13,13 @@ import tempfile
 import time
 
 import torch
-from ratio_timer import percentile
 from torch import nn
 
 import esper
 from esper.blueprints import create_artifact
 from esper.contracts import BlueprintSpec
 from esper.execution import DirectoryArtifactSource
+from ratio_timer import percentile
 
 
 def main() -> None:

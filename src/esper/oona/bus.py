@@ -74,6 +74,12 @@ class Delivery:
         return decode_payload(self.envelope, expected)
 
 
+def check_max_messages(max_messages: int) -> None:
+    """Raise :class:`ConfigurationError` unless ``max_messages`` is a positive count."""
+    if max_messages <= 0:
+        raise ConfigurationError(f"max_messages must be at least 1, got {max_messages}.")
+
+
 def check_deliveries_belong(topic: str, group: str, deliveries: Sequence[Delivery]) -> None:
     """Raise :class:`ConfigurationError` unless every delivery came from ``group`` of ``topic``."""
     for delivery in deliveries:

@@ -21,6 +21,7 @@ from esper.oona.bus import (
     Delivery,
     GroupStart,
     check_deliveries_belong,
+    check_max_messages,
     default_sender,
 )
 from esper.oona.errors import BusUnavailableError
@@ -232,6 +233,7 @@ class InProcessSubscription:
 
     def poll(self, max_messages: int = 100, block_ms: int = 0) -> list[Delivery]:
         """Receive up to ``max_messages`` new messages, waiting up to ``block_ms`` for the first."""
+        check_max_messages(max_messages)
         return self._bus._poll(self, max_messages, block_ms)
 
     def ack(self, *deliveries: Delivery) -> int:
@@ -241,6 +243,7 @@ class InProcessSubscription:
 
     def claim_stale(self, min_idle_ms: int, max_messages: int = 100) -> list[Delivery]:
         """Take over this group's messages left unacknowledged for at least ``min_idle_ms``."""
+        check_max_messages(max_messages)
         return self._bus._claim_stale(self, min_idle_ms, max_messages)
 
     def pending_count(self) -> int:

@@ -8,6 +8,8 @@ exported by :mod:`esper.contracts`; a name it does not know is rejected rather t
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
@@ -58,7 +60,7 @@ def make_envelope(
 
 
 @functools.cache
-def known_payload_types() -> dict[str, type[Contract]]:
+def known_payload_types() -> Mapping[str, type[Contract]]:
     """The contracts a payload can be decoded into, by class name.
 
     Every :class:`Contract` subclass exported by :mod:`esper.contracts` except :class:`Envelope`.
@@ -72,7 +74,7 @@ def known_payload_types() -> dict[str, type[Contract]]:
             and candidate not in (Contract, Envelope)
         ):
             found[candidate.__name__] = candidate
-    return found
+    return MappingProxyType(found)
 
 
 @overload

@@ -32,6 +32,7 @@ from esper.oona.bus import (
     Delivery,
     GroupStart,
     check_deliveries_belong,
+    check_max_messages,
     default_sender,
 )
 from esper.oona.errors import BusUnavailableError
@@ -190,6 +191,7 @@ class RedisSubscription:
 
     def poll(self, max_messages: int = 100, block_ms: int = 0) -> list[Delivery]:
         """``XREADGROUP ... >``: up to ``max_messages`` new messages, waiting up to ``block_ms``."""
+        check_max_messages(max_messages)
         deadline = time.monotonic() + max(block_ms, 0) / 1000
         with self._bus._unavailable_as_error(f"reading {self.topic!r} for group {self.group!r}"):
             while True:
@@ -211,6 +213,7 @@ class RedisSubscription:
 
     def claim_stale(self, min_idle_ms: int, max_messages: int = 100) -> list[Delivery]:
         """``XAUTOCLAIM``: take over this group's messages idle for at least ``min_idle_ms``."""
+        check_max_messages(max_messages)
         entries: list[tuple[str, dict[str, str] | None]] = []
         cursor = "0-0"
         with self._bus._unavailable_as_error(f"claiming stale messages of {self.topic!r}"):

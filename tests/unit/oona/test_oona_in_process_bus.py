@@ -269,3 +269,11 @@ def test_concurrent_publishers_and_consumers_deliver_each_message_once(
 def test_max_len_must_be_positive(max_len: int) -> None:
     with pytest.raises(ConfigurationError, match="max_len"):
         InProcessBus(max_len=max_len)
+
+
+def test_max_messages_must_be_at_least_one() -> None:
+    subscription = InProcessBus().subscribe(Topic.KERNEL_READY, group="g", consumer="c")
+    with pytest.raises(ConfigurationError, match="max_messages"):
+        subscription.poll(max_messages=0)
+    with pytest.raises(ConfigurationError, match="max_messages"):
+        subscription.claim_stale(min_idle_ms=0, max_messages=0)

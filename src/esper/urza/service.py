@@ -97,6 +97,30 @@ def _error_status(error: EsperError, request: Request) -> int:
     return 500
 
 
+_bearer = HTTPBearer(auto_error=False, description=f"the service's token ({TOKEN_ENV})")
+
+
+def _require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Dependency of every route but ``/healthz``: the request must carry the app's token."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise _HttpError(
+            401,
+            AuthenticationError.__name__,
+            f"missing 'Authorization: Bearer <token>' header; set {TOKEN_ENV} to the service's "
+            "token.",
+        )
+    expected: bytes = request.app.state.urza_token
+    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+        raise _HttpError(
+            401,
+            AuthenticationError.__name__,
+            f"wrong bearer token; set {TOKEN_ENV} to the token the service was started with.",
+        )
+
+
 def _package_version() -> str:
     try:
         return importlib.metadata.version("esper-morphogenetic")
@@ -135,26 +159,6 @@ def create_app(
             f"the Urza service needs a bearer token; set {TOKEN_ENV} (any long random string, "
             "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)."
         )
-    expected = token.encode()
-    bearer = HTTPBearer(auto_error=False, description=f"the service's token ({TOKEN_ENV})")
-
-    def require_token(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise _HttpError(
-                401,
-                AuthenticationError.__name__,
-                "missing 'Authorization: Bearer <token>' header; "
-                f"set {TOKEN_ENV} to the service's token.",
-            )
-        if not hmac.compare_digest(credentials.credentials.encode(), expected):
-            raise _HttpError(
-                401,
-                AuthenticationError.__name__,
-                f"wrong bearer token; set {TOKEN_ENV} to the token the service was started with.",
-            )
-
     app = FastAPI(
         title="Urza",
         summary="Esper's artifact library: blueprints, compiled kernels and compile jobs.",
@@ -163,7 +167,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    authorized = [Depends(require_token)]
+    app.state.urza_token = token.encode()
+    authorized = [Depends(_require_token)]
 
     @app.exception_handler(_HttpError)
     async def _answer_http_error(_request: Request, error: _HttpError) -> JSONResponse:
@@ -200,7 +205,7 @@ def create_app(
         """Blueprints, oldest first."""
         return library.list_blueprints(status)
 
-    @app.put("/blueprints/{blueprint_id}/status", tags=["blueprints"], dependencies=authorized)
+    @app.put("/blueprints/{blueprint_id:path}/status", tags=["blueprints"], dependencies=authorized)
     def set_blueprint_status(
         blueprint_id: BlueprintIdPath, body: BlueprintStatusChange
     ) -> BlueprintRecord:
@@ -221,7 +226,7 @@ def create_app(
             blueprint_id=body.blueprint_id, target=body.target, device=body.device, dtype=body.dtype
         )
 
-    @app.get("/kernels/{kernel_id}/metadata", tags=["kernels"], dependencies=authorized)
+    @app.get("/kernels/{kernel_id:path}/metadata", tags=["kernels"], dependencies=authorized)
     def get_kernel_metadata(kernel_id: KernelIdPath) -> KernelMetadata:
         """The metadata stored with a kernel."""
         return library.get_kernel_metadata(kernel_id)
@@ -315,17 +320,17 @@ def create_app(
         """Claim the oldest claimable job, or ``null`` when there is none."""
         return library.claim_job(body.worker_id, lease_seconds=body.lease_seconds)
 
-    @app.post("/jobs/{job_id}/lease", tags=["jobs"], dependencies=authorized)
+    @app.post("/jobs/{job_id:path}/lease", tags=["jobs"], dependencies=authorized)
     def renew_lease(job_id: JobIdPath, body: ClaimRequest) -> CompileJob:
         """Extend the lease of a job the worker holds."""
         return library.renew_lease(job_id, body.worker_id, lease_seconds=body.lease_seconds)
 
-    @app.post("/jobs/{job_id}/complete", tags=["jobs"], dependencies=authorized)
+    @app.post("/jobs/{job_id:path}/complete", tags=["jobs"], dependencies=authorized)
     def complete_job(job_id: JobIdPath, body: JobCompletion) -> CompileJob:
         """Mark a claimed job SUCCEEDED."""
         return library.complete_job(job_id, body.worker_id, body.kernel_id)
 
-    @app.post("/jobs/{job_id}/fail", tags=["jobs"], dependencies=authorized)
+    @app.post("/jobs/{job_id:path}/fail", tags=["jobs"], dependencies=authorized)
     def fail_job(job_id: JobIdPath, body: JobFailure) -> CompileJob:
         """Mark a claimed job FAILED."""
         return library.fail_job(job_id, body.worker_id, body.error)

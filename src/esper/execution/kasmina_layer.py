@@ -374,10 +374,10 @@ class KasminaLayer(nn.Module):
     def advance(self, step: int) -> None:
         """Step boundary: graft finished loads, ramp alphas, retry faulted seeds, arm telemetry."""
         self._step = step
-        for seed_idx in list(self._pending):
-            self.complete_load(seed_idx)
+        # A kernel grafted at this boundary runs its first step at alpha 0; its ramp starts next.
+        just_grafted = {i for i in list(self._pending) if self.complete_load(i)}
         for seed_idx, slot in enumerate(self.seed_state.slots):
-            if slot.state is SeedState.BLENDING:
+            if slot.state is SeedState.BLENDING and seed_idx not in just_grafted:
                 self._ramp(seed_idx, slot.blend_steps_done + 1)
             elif not slot.state.runs_kernel:
                 self._drop_kernel(seed_idx)  # a faulted kernel leaves at the step boundary

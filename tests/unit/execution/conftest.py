@@ -47,7 +47,12 @@ if RAISING_FAMILY not in family_names():
     register_family(RaisingFamily())
 
 LOWRANK = BlueprintSpec(family="lowrank_adapter", params={"rank": 2})
-RAISING = BlueprintSpec(family=RAISING_FAMILY)
+
+
+@pytest.fixture
+def raising_spec() -> BlueprintSpec:
+    """Spec of a kernel that raises in forward (a test-only family registered by this file)."""
+    return BlueprintSpec(family=RAISING_FAMILY)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -54,5 +55,36 @@ def test_each_job_is_claimed_exactly_once(
     assert {j.job_id: j.worker_id for j in jobs} == {
         job_id: worker for worker, ids in claims.items() for job_id in ids
     }
+    for handle in (setup, *handles):
+        handle.close()
+
+
+def test_a_lapsed_lease_goes_to_exactly_one_reclaimer(
+    tmp_path: Path, spec: BlueprintSpec, linear_target
+) -> None:
+    setup = open_storage_library(run_dir=tmp_path)
+    setup.submit_blueprint(spec)
+    job = setup.enqueue_job(spec.blueprint_id, linear_target())
+    setup.claim_job("dies", lease_seconds=0.2)
+    time.sleep(0.3)
+    handles = [open_storage_library(run_dir=tmp_path) for _ in range(CLAIMERS)]
+    won: dict[str, str] = {}
+    start = threading.Barrier(CLAIMERS)
+
+    def reclaim(index: int) -> None:
+        start.wait()
+        claimed = handles[index].claim_job(f"rescuer-{index}", lease_seconds=300)
+        if claimed is not None:
+            won[f"rescuer-{index}"] = claimed.job_id
+
+    threads = [threading.Thread(target=reclaim, args=(i,)) for i in range(CLAIMERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(won) == 1 and list(won.values()) == [job.job_id]
+    stored = setup.get_job(job.job_id)
+    assert (stored.worker_id, stored.attempts) == (next(iter(won)), 2)
     for handle in (setup, *handles):
         handle.close()

@@ -1,0 +1,26 @@
+"""Tezzeret: the blueprint compiler that turns blueprints into validated, characterized kernels.
+
+:func:`compile_blueprint` builds a blueprint for a target layer geometry, validates it, measures
+it and serializes it into a content-addressed artifact; :class:`TezzeretWorker` claims compile
+jobs from Urza, compiles them off the training thread, stores the kernels and announces them on
+Oona.
+"""
+
+from esper.tezzeret.compiler import (
+    BlueprintValidationError,
+    CompiledKernel,
+    compile_blueprint,
+    example_input,
+)
+from esper.tezzeret.kernel_requests import KernelRequest, find_or_enqueue
+from esper.tezzeret.worker import TezzeretWorker
+
+__all__ = [
+    "BlueprintValidationError",
+    "CompiledKernel",
+    "KernelRequest",
+    "TezzeretWorker",
+    "compile_blueprint",
+    "example_input",
+    "find_or_enqueue",
+]

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from esper.contracts import (
     BlueprintSpec,
     BlueprintStatus,
-    CompileJobStatus,
     KernelId,
     KernelMetadata,
     KernelTarget,
@@ -71,13 +70,6 @@ class JobRequest(WireModel):
     blueprint_id: KernelId
     target: KernelTarget
     init_seed: int = 0
-
-
-class JobQuery(WireModel):
-    """Filters of ``GET /jobs``."""
-
-    status: CompileJobStatus | None = None
-    blueprint_id: KernelId | None = None
 
 
 class ClaimRequest(WireModel):

@@ -5,7 +5,8 @@ worker died) for a lease; each claim bumps ``attempts``. Claims are atomic on bo
 PostgreSQL locks the oldest claimable row with ``SELECT … FOR UPDATE SKIP LOCKED``, so concurrent
 claimers skip each other's rows; SQLite, which serializes writers, uses a conditional ``UPDATE``
 that only matches the row in the state the claimer saw (same status, same attempt count) and
-checks that it changed exactly one row.
+checks that it changed exactly one row. Lease times come from the clock of the process that
+claims (the library's ``clock``), so hosts that share a queue should keep their clocks in sync.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from esper.errors import (
     KernelShapeMismatchError,
     SeedIndexError,
 )
+from esper.execution.artifact_sources import check_kernel_id
 from esper.execution.grafted_kernel import GraftedKernel, decode_spec
 from esper.execution.kernel_cache import CachedKernel, KernelCache
 from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, profile_layer
@@ -81,6 +82,23 @@ def _disable_fused_fast_paths(module: nn.Module, args: tuple[Any, ...]) -> None:
     directly and skip the children's forwards, which would silently drop grafted kernels. They
     are disabled whenever a child module has a forward hook, so running kernels register this one.
     """
+
+
+class _FiniteGradient(torch.autograd.Function):
+    """Identity in forward; in backward, non-finite gradient entries become zero.
+
+    Applied to a kernel's input: a kernel whose output is not finite is scaled to zero, but its
+    backward (NaN weights times a zero gradient) is NaN, which would reach the host's gradients and
+    ruin the host at the next optimizer step. Finite gradients pass unchanged (bit for bit).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class KasminaLayer(nn.Module):
@@ -188,7 +206,9 @@ class KasminaLayer(nn.Module):
         y = base_out
         for seed_idx, grafted, alpha, health in self._running_seeds:
             try:
-                k = grafted(kernel_in)
+                k = grafted(
+                    _FiniteGradient.apply(kernel_in) if kernel_in.requires_grad else kernel_in
+                )
             except Exception as exc:  # a faulty kernel must never take training down
                 self._on_kernel_fault(seed_idx, exc)
                 continue
@@ -287,8 +307,10 @@ class KasminaLayer(nn.Module):
                 f"layer {self.layer_name!r} has no kernel cache; wrap the model with esper.wrap() "
                 "or call attach(cache) first"
             )
+        check_kernel_id(kernel_id)  # before anything changes: a bad id must leave the seed as is
         self.seed_state.transition(seed_idx, SeedState.LOADING, where=self._where(seed_idx))
         self.seed_state.set_kernel_id(seed_idx, kernel_id)
+        self.seed_state.set_errors(seed_idx, error_count=0, retry_after_step=0)  # a new kernel
         future = self._cache.get(kernel_id)
         self._pending[seed_idx] = future
         return future

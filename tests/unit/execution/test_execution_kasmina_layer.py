@@ -473,3 +473,16 @@ def test_stats_count_parameters_and_states(graft: Graft) -> None:
     assert stats.seeds_by_state[SeedState.BLENDING] == 1
     assert stats.kernel_ids[:2] == (None, None)
     assert stats.kernel_ids[2] == layer.seed_state.slots[2].kernel_id
+
+
+@pytest.mark.parametrize("bad_id", ["not-a-sha", "A" * 64, "0" * 63])
+def test_a_malformed_kernel_id_changes_nothing(cache: KernelCache, bad_id: str) -> None:
+    layer = KasminaLayer(nn.Linear(8, 6), num_seeds=1)
+    layer.attach(cache)
+    before = _snapshot(layer)
+
+    with pytest.raises(ConfigurationError, match="invalid kernel id"):
+        layer.request_kernel(0, bad_id)
+
+    assert _same(_snapshot(layer), before)
+    assert cache.stats().misses == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import socket
 import threading
 import time
 import uuid
@@ -25,7 +26,6 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import free_port
 from esper.contracts import (
     BlueprintSpec,
     BlueprintStatus,
@@ -98,6 +98,13 @@ def make_kernel(
         init_seed=0,
     )
     return artifact, metadata
+
+
+def unused_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (not imported from conftest: its name is shared)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def drain_queue(library: ArtifactLibrary) -> None:
@@ -431,7 +438,7 @@ def test_openapi_schema_is_served(urza_service: ServiceProcess) -> None:
 
 
 def test_unreachable_service_is_a_clear_error() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{unused_port()}"
     with HttpUrza(url, token=TOKEN, timeout=2.0) as library:
         with pytest.raises(LibraryUnavailableError, match="running") as caught:
             library.stats()

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from esper.contracts import (
     BlueprintRecord,
@@ -98,27 +99,55 @@ def _error_status(error: EsperError, request: Request) -> int:
 
 
 _bearer = HTTPBearer(auto_error=False, description=f"the service's token ({TOKEN_ENV})")
+_OPEN_PATHS = frozenset({"/healthz"})
+
+
+def _token_problem(authorization: str | None, expected: bytes) -> str | None:
+    """Why an ``Authorization`` header value does not grant access, or ``None`` when it does."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return (
+            f"missing 'Authorization: Bearer <token>' header; set {TOKEN_ENV} to the service's "
+            "token."
+        )
+    if not hmac.compare_digest(credentials.strip().encode(), expected):
+        return f"wrong bearer token; set {TOKEN_ENV} to the token the service was started with."
+    return None
+
+
+def _unauthorized(detail: str) -> JSONResponse:
+    body = ErrorBody(error=AuthenticationError.__name__, detail=detail)
+    return JSONResponse(body.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+class _RequireBearerToken:
+    """ASGI middleware: answer 401 before routing, so no unauthenticated request gets further
+    (not even to a 404, 405 or a body-parsing error)."""
+
+    def __init__(self, app: ASGIApp, *, token: bytes) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        problem = _token_problem(None if header is None else header.decode("latin-1"), self.token)
+        if problem is None:
+            await self.app(scope, receive, send)
+        else:
+            await _unauthorized(problem)(scope, receive, send)
 
 
 def _require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Dependency of every route but ``/healthz``: the request must carry the app's token."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise _HttpError(
-            401,
-            AuthenticationError.__name__,
-            f"missing 'Authorization: Bearer <token>' header; set {TOKEN_ENV} to the service's "
-            "token.",
-        )
-    expected: bytes = request.app.state.urza_token
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise _HttpError(
-            401,
-            AuthenticationError.__name__,
-            f"wrong bearer token; set {TOKEN_ENV} to the token the service was started with.",
-        )
+    """Route dependency that declares the bearer scheme in the OpenAPI schema (and checks it)."""
+    problem = _token_problem(request.headers.get("authorization"), request.app.state.urza_token)
+    if problem is not None:
+        raise _HttpError(401, AuthenticationError.__name__, problem)
 
 
 def _package_version() -> str:
@@ -168,6 +197,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.urza_token = token.encode()
+    app.add_middleware(_RequireBearerToken, token=token.encode())
     authorized = [Depends(_require_token)]
 
     @app.exception_handler(_HttpError)

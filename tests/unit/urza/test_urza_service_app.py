@@ -66,6 +66,16 @@ def test_every_other_route_requires_the_bearer_token(client: TestClient) -> None
             assert "ESPER_URZA_TOKEN" in response.json()["detail"]
 
 
+def test_token_is_checked_before_routing_and_body_parsing(client: TestClient) -> None:
+    garbage = client.post(
+        "/blueprints", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert garbage.status_code == 401  # not 422: nothing is parsed for a stranger
+    assert client.get("/no/such/route").status_code == 401  # not 404
+    assert client.delete("/stats").status_code == 401  # not 405
+    assert client.get("/no/such/route", headers=AUTH).status_code == 404
+
+
 def test_openapi_schema_is_served_to_token_holders(client: TestClient) -> None:
     assert client.get("/openapi.json").status_code == 401
     schema = client.get("/openapi.json", headers=AUTH).json()

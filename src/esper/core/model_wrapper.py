@@ -352,7 +352,8 @@ def model_has_hooks(module: nn.Module) -> bool:
 def _replace_modules(root: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
     """Swap every occurrence of a module (by ``id``) for its replacement, at every parent."""
     for parent in list(root.modules()):
-        for child_name, child in list(parent.named_children()):
+        # not named_children(): it yields a child registered twice under one parent only once
+        for child_name, child in list(parent._modules.items()):
             replacement = replacements.get(id(child))
             if replacement is not None:
                 setattr(parent, child_name, replacement)

@@ -1,6 +1,12 @@
 """Contracts: the Pydantic models that cross a component boundary (frozen, strict, versioned)."""
 
 from esper.contracts.base import SCHEMA_VERSION, Contract
+from esper.contracts.control import (
+    AdaptationAction,
+    AdaptationDecision,
+    DecisionRefusal,
+    RewardReport,
+)
 from esper.contracts.kernels import (
     BlueprintSpec,
     KernelCharacterization,
@@ -34,6 +40,8 @@ from esper.contracts.telemetry import (
 __all__ = [
     "SCHEMA_VERSION",
     "TRANSITIONS",
+    "AdaptationAction",
+    "AdaptationDecision",
     "BlueprintRecord",
     "BlueprintSpec",
     "BlueprintStatus",
@@ -41,6 +49,7 @@ __all__ = [
     "CompileJob",
     "CompileJobStatus",
     "Contract",
+    "DecisionRefusal",
     "Envelope",
     "HealthSignal",
     "HealthSignalBatch",
@@ -53,6 +62,7 @@ __all__ = [
     "LayerStats",
     "LibraryStats",
     "ModelStats",
+    "RewardReport",
     "SeedHealth",
     "SeedState",
     "Topic",

@@ -23,6 +23,10 @@ class Topic(StrEnum):
     """A compiled kernel was stored in Urza (:class:`KernelReady`)."""
     CONTROL_KASMINA_COMMANDS = "control.kasmina.commands"
     """Adaptation decisions for the training side to apply at a step boundary."""
+    CONTROL_TAMIYO_REFUSALS = "control.tamiyo.refusals"
+    """Decisions a safety gate refused (:class:`DecisionRefusal`)."""
+    CONTROL_TAMIYO_REWARDS = "control.tamiyo.rewards"
+    """Rewards of adaptations after their evaluation window (:class:`RewardReport`)."""
 
 
 def _new_event_id() -> str:

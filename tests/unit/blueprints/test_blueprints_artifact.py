@@ -49,16 +49,20 @@ def test_same_spec_target_and_seed_give_the_same_bytes_and_id() -> None:
 
 
 def test_a_different_seed_spec_or_target_gives_a_different_id() -> None:
-    reference = create_artifact(SPEC, TARGET, init_seed=5)[1].kernel_id
-    other_seed = create_artifact(SPEC, TARGET, init_seed=6)[1].kernel_id
-    other_spec = create_artifact(
-        BlueprintSpec(family="lowrank_adapter", params={"rank": 2}), TARGET, init_seed=5
-    )[1].kernel_id
-    other_target = create_artifact(SPEC, TARGET.model_copy(update={"in_features": 9}), init_seed=5)[
-        1
-    ].kernel_id
+    def kernel_id(spec: BlueprintSpec, target: KernelTarget, init_seed: int) -> str:
+        return create_artifact(spec, target, init_seed=init_seed)[1].kernel_id
 
-    assert len({reference, other_seed, other_spec, other_target}) == 4
+    other_spec = BlueprintSpec(family="lowrank_adapter", params={"rank": 2})
+    other_target = TARGET.model_copy(update={"in_features": 9})
+
+    ids = {
+        kernel_id(SPEC, TARGET, 5),
+        kernel_id(SPEC, TARGET, 6),
+        kernel_id(other_spec, TARGET, 5),
+        kernel_id(SPEC, other_target, 5),
+    }
+
+    assert len(ids) == 4
 
 
 def test_metadata_describes_the_artifact() -> None:

@@ -256,3 +256,38 @@ def test_stats_count_parameters_states_and_cache(
     assert stats.seeds_by_state[SeedState.DORMANT] == 4
     assert stats.cache is not None
     assert (stats.cache.misses, stats.cache.hits, stats.cache.entries) == (1, 1, 1)
+
+
+def test_a_transient_kernel_fault_is_bypassed_and_recovers_on_retry(
+    source: InMemoryArtifactSource, germinate: Germinate
+) -> None:
+    plain = _mlp()
+    model = esper.wrap(
+        _mlp(), seeds_per_layer=1, kernel_source=source, retry_backoff_steps=2, health_every=0
+    )
+    faulty = germinate(model, "2", 0, perturb=False)
+
+    def fail(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("device-side assert (simulated)")
+
+    faulty.forward = fail  # type: ignore[method-assign]  # this instance only: a transient fault
+    x = torch.randn(3, 8)
+    model.set_seed_alpha("2", seed_idx=0, alpha=1.0)
+
+    out = model(x)
+    out.sum().backward()  # the training step goes on
+
+    assert torch.equal(out, plain(x))
+    assert model.seed_state("2", 0) is SeedState.ERROR_RECOVERY
+    assert model.layer("2").seed_state.slots[0].retry_after_step == 2
+    states = []
+    for _ in range(3):
+        model.step()
+        states.append(model.seed_state("2", 0))
+
+    # step 1: still backing off; step 2: reload requested; step 3: grafted again, fresh copy.
+    assert states == [SeedState.ERROR_RECOVERY, SeedState.LOADING, SeedState.BLENDING]
+    recovered = model.layer("2").kernel(0)
+    assert recovered is not None and recovered is not faulty
+    assert torch.equal(model(x), plain(x))  # a fresh zero-initialised kernel at alpha 0
+    assert model.layer("2").seed_state.slots[0].error_count == 1

@@ -14,7 +14,7 @@ import difflib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from typing import Any, Protocol
@@ -204,14 +204,29 @@ class MorphableModel(nn.Module):
         layer._check_seed(seed_idx)
         return layer.seed_states[seed_idx]
 
-    def step(self) -> int:
+    def step(self, *, graftable: Mapping[str, Collection[int]] | None = None) -> int:
         """Step boundary (call after each optimizer step): graft finished loads, ramp alphas,
-        retry faulted seeds, arm health sampling. Returns the new step number."""
+        retry faulted seeds, arm health sampling. Returns the new step number.
+
+        Args:
+            graftable: per layer name, the seeds whose finished loads may be grafted at this
+                boundary (``None``: every finished load). Lockstep training uses it so that all
+                ranks graft at the same step.
+        """
         self._step += 1
         self.morph_step.fill_(self._step)
         for layer in self._unique_layers():
-            layer.advance(self._step)
+            allowed = None if graftable is None else graftable.get(layer.layer_name, ())
+            layer.advance(self._step, graftable=allowed)
         return self._step
+
+    def pending_loads(self) -> list[tuple[str, int, bool]]:
+        """``(layer_name, seed_idx, finished)`` for every load in flight, in model order."""
+        return [
+            (layer.layer_name, seed_idx, finished)
+            for layer in self._unique_layers()
+            for seed_idx, finished in layer.pending_loads().items()
+        ]
 
     @property
     def global_step(self) -> int:
@@ -272,16 +287,25 @@ class MorphableModel(nn.Module):
 
     # -- telemetry and statistics --------------------------------------------------------------
 
-    def collect_telemetry(self) -> list[HealthSignal]:
+    def collect_telemetry(
+        self, *, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> list[HealthSignal]:
         """Read every layer's health accumulators in one device transfer and reset them.
 
         Seeds whose kernels produced non-finite output in the window are quarantined (moved to
         ERROR_RECOVERY). The signals are also published to the telemetry sink, if any.
+
+        Args:
+            reduce: applied to the flat accumulator tensor before it is read, e.g. an all-reduce
+                mean across ranks so every rank quarantines the same seeds.
         """
         layers = list(self._unique_layers())
         if not layers:
             return []
-        flat = torch.cat([layer.health_tensor() for layer in layers]).tolist()  # one transfer
+        accumulators = torch.cat([layer.health_tensor() for layer in layers])
+        if reduce is not None:
+            accumulators = reduce(accumulators)
+        flat = accumulators.tolist()  # one transfer
         now = time.time()
         signals = []
         offset = 0

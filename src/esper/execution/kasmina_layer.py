@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -315,6 +315,10 @@ class KasminaLayer(nn.Module):
         self._pending[seed_idx] = future
         return future
 
+    def pending_loads(self) -> dict[int, bool]:
+        """Seeds with a load in flight, and whether each load has finished (host flag)."""
+        return {seed_idx: future.done() for seed_idx, future in sorted(self._pending.items())}
+
     def complete_load(self, seed_idx: int) -> bool:
         """Graft a LOADING seed's kernel if its load finished; return whether the seed left LOADING.
 
@@ -393,11 +397,21 @@ class KasminaLayer(nn.Module):
             )
         self.seed_state.set_alpha(seed_idx, value)
 
-    def advance(self, step: int) -> None:
-        """Step boundary: graft finished loads, ramp alphas, retry faulted seeds, arm telemetry."""
+    def advance(self, step: int, *, graftable: Collection[int] | None = None) -> None:
+        """Step boundary: graft finished loads, ramp alphas, retry faulted seeds, arm telemetry.
+
+        Args:
+            step: the new step number.
+            graftable: seeds whose finished loads may be grafted now (``None``: all). Lockstep
+                training passes the seeds whose loads finished on every rank.
+        """
         self._step = step
         # A kernel grafted at this boundary runs its first step at alpha 0; its ramp starts next.
-        just_grafted = {i for i in list(self._pending) if self.complete_load(i)}
+        just_grafted = {
+            i
+            for i in list(self._pending)
+            if (graftable is None or i in graftable) and self.complete_load(i)
+        }
         for seed_idx, slot in enumerate(self.seed_state.slots):
             if slot.state is SeedState.BLENDING and seed_idx not in just_grafted:
                 self._ramp(seed_idx, slot.blend_steps_done + 1)

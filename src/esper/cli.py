@@ -116,7 +116,11 @@ def _tezzeret_worker(args: argparse.Namespace) -> int:
     library = _open_library(args)
     bus = open_bus(args.bus) if args.bus else None
     worker = TezzeretWorker(
-        library, bus, worker_id=args.worker_id, poll_interval_s=args.poll_interval
+        library,
+        bus,
+        worker_id=args.worker_id,
+        poll_interval_s=args.poll_interval,
+        lease_seconds=args.lease_seconds,
     )
     console.print(f"Tezzeret worker {worker.worker_id} compiling jobs (Ctrl-C stops it)")
     try:
@@ -260,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--bus", default=None, help="announce kernel.ready on redis://...")
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--poll-interval", type=float, default=0.2, help="seconds")
+    worker.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=600.0,
+        help="a claimed job may be reclaimed by another worker after this long",
+    )
     worker.add_argument("--max-jobs", type=int, default=None)
     worker.add_argument("--stop-when-idle", action="store_true")
     worker.set_defaults(handler=_tezzeret_worker)

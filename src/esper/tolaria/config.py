@@ -1,0 +1,341 @@
+"""Run configuration: the typed form of a ``configs/*.yaml`` file plus ``key=value`` overrides.
+
+A config file has one section per concern (``run``, ``data``, ``host``, ``seeds``, ``train``,
+``growth``, ``urza``); every section is a strict Pydantic model, so a misspelt key fails with a
+message naming it, the section's valid keys and the closest match::
+
+    config = load_config("configs/digits.yaml", overrides=["train.epochs=2", "run.dir=/tmp/x"])
+
+Override values are parsed as YAML (``train.lr=3e-3``, ``host.hidden=[16,16]``,
+``growth.enabled=false``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from esper.errors import ConfigurationError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors; values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    """Where a run lives and what makes it reproducible."""
+
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Prefix of the run id (``<name>-<timestamp>``)."""
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Fixed run id (default: generated from ``name`` and the start time)."""
+    dir: Path = Path("runs")
+    """Folder holding run folders (``<dir>/<run-id>/``)."""
+    seed: int = 0
+    """Seeds model initialisation, data order and the policy."""
+    threads: int = Field(default=1, ge=1)
+    """``torch.set_num_threads`` for the run (1 keeps runs bit-reproducible and shares CPUs)."""
+
+
+class DigitsData(Section):
+    """scikit-learn digits: 1797 8x8 images, 10 classes."""
+
+    name: Literal["digits"] = "digits"
+    batch_size: int = Field(default=64, ge=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+class Mnist1dData(Section):
+    """MNIST-1D, generated offline: length-40 signals, 10 classes."""
+
+    name: Literal["mnist1d"] = "mnist1d"
+    batch_size: int = Field(default=64, ge=1)
+    num_samples: int = Field(default=5000, ge=100)
+    data_seed: int = 42
+
+
+class RegressionData(Section):
+    """Synthetic teacher–student regression."""
+
+    name: Literal["regression"] = "regression"
+    batch_size: int = Field(default=64, ge=1)
+    num_samples: int = Field(default=2000, ge=10)
+    in_features: int = Field(default=16, ge=1)
+    out_features: int = Field(default=1, ge=1)
+    teacher_hidden: int = Field(default=32, ge=1)
+    noise: float = Field(default=0.05, ge=0)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+DataSection = Annotated[DigitsData | Mnist1dData | RegressionData, Field(discriminator="name")]
+
+
+class MlpHost(Section):
+    """A multilayer perceptron (``fc1 … out``)."""
+
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [32])
+    activation: Literal["relu", "gelu", "tanh", "identity"] = "relu"
+
+
+class CnnHost(Section):
+    """Convolutions (``conv1 …``), global average pooling and a Linear ``head``."""
+
+    kind: Literal["cnn"] = "cnn"
+    channels: list[int] = Field(default_factory=lambda: [16, 16])
+    kernel_size: int = Field(default=3, ge=1)
+    activation: Literal["relu", "gelu", "tanh", "identity"] = "relu"
+
+
+class TransformerHost(Section):
+    """Patch tokens, pre-norm transformer blocks (``blocks.<i>.{attn,ff1,ff2,ln1,ln2}``), a head."""
+
+    kind: Literal["transformer"] = "transformer"
+    patch: int = Field(default=8, ge=1)
+    d_model: int = Field(default=32, ge=1)
+    heads: int = Field(default=4, ge=1)
+    depth: int = Field(default=2, ge=1)
+    ff: int = Field(default=64, ge=1)
+
+
+HostSection = Annotated[MlpHost | CnnHost | TransformerHost, Field(discriminator="kind")]
+
+
+class SeedsSection(Section):
+    """Which layers carry seeds and how grafts blend in (arguments of :func:`esper.wrap`)."""
+
+    target: list[str] | None = None
+    """Layer names or ``.suffix`` names; ``None``: every Linear/Conv layer of the host."""
+    per_layer: int = Field(default=2, ge=1)
+    blend_steps: int = Field(default=30, ge=1)
+    health_every: int = Field(default=10, ge=1)
+
+
+class TrainSection(Section):
+    """The optimisation."""
+
+    epochs: int = Field(default=20, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-2, gt=0)
+    kernel_lr: float | None = Field(default=None, gt=0)
+    """Learning rate of grafted kernels' parameter groups (default: ``lr``)."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0)
+    """SGD only."""
+    log_every: int = Field(default=1, ge=1)
+    """Write a step record to ``metrics.jsonl`` every this many steps."""
+    checkpoint: bool = True
+    """Write ``checkpoints/epoch-<k>`` after every epoch (needed by ``--resume``)."""
+
+
+class GrowthSection(Section):
+    """When and how Tamiyo grows the model.
+
+    Decisions are taken synchronously at fixed step intervals and a germinated kernel is grafted
+    exactly ``graft_delay`` steps after its decision (the loop waits at that boundary only if the
+    background compile has not finished by then), so growth events — and resumed runs — are
+    deterministic in step.
+    """
+
+    enabled: bool = True
+    policy: str = "bottleneck"
+    """``bottleneck``, ``random``, ``round_robin``, or a path to a saved GNN policy."""
+    decide_every: int = Field(default=50, ge=1)
+    """Steps between controller decisions."""
+    telemetry_every: int = Field(default=10, ge=1)
+    """Steps between telemetry flushes (health signals to Tamiyo)."""
+    start_step: int = Field(default=100, ge=0)
+    """No decision before this step (let the host's health settle)."""
+    stop_fraction: float = Field(default=0.8, gt=0, le=1)
+    """No germination after this fraction of the run's steps (leave time to train grafts)."""
+    graft_delay: int = Field(default=10, ge=1)
+    """Steps between a GERMINATE decision and its graft (covers the background compile)."""
+    evaluation_steps: int = Field(default=100, ge=1)
+    """Steps after a seed turns ACTIVE before it is evaluated (reward; fossilize or cull)."""
+    max_seeds: int = Field(default=4, ge=0)
+    """Germinations allowed in the run."""
+    cooldown_steps: int = Field(default=100, ge=0)
+    """Steps a layer waits after a germination before it may grow again."""
+    max_parameter_ratio: float = Field(default=1.0, gt=0)
+    """Grafted parameters may not exceed this fraction of the base parameters."""
+    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    """Refuse decisions the policy is less sure of."""
+    loss_spike_ratio: float = Field(default=1.5, gt=1)
+    """Cull a graft whose evaluation-window loss exceeds the pre-graft loss by this factor."""
+
+
+class UrzaSection(Section):
+    """Where kernels are stored and compiled."""
+
+    url: str | None = None
+    """Shared Urza service (``http://host:port``); ``None``: the embedded library."""
+    dir: Path | None = None
+    """Folder of the embedded library (default ``<run.dir>/urza``, shared by the runs there)."""
+    worker: Literal["thread", "none"] = "thread"
+    """``thread``: compile in a TezzeretWorker thread of this process; ``none``: external workers."""
+
+
+class RunConfig(Section):
+    """A whole run: what ``esper train --config`` reads."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DigitsData)
+    host: HostSection = Field(default_factory=MlpHost)
+    seeds: SeedsSection = Field(default_factory=SeedsSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    growth: GrowthSection = Field(default_factory=GrowthSection)
+    urza: UrzaSection = Field(default_factory=UrzaSection)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what a run folder keeps as ``config.yaml``)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=2", "host.hidden=[16, 16]"]`` -> nested dict; values parsed as YAML.
+
+    Raises:
+        ConfigurationError: an override is not ``dotted.key=value``.
+    """
+    tree: dict[str, Any] = {}
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigurationError(
+                f"override {text!r} is not key=value; write e.g. train.epochs=2 or run.dir=/tmp/x"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(
+                f"override {text!r}: the value is not valid YAML ({exc})"
+            ) from None
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigurationError(f"override {text!r} conflicts with another override")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, recursively for nested mappings."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+    """Validate a nested dict as a :class:`RunConfig`.
+
+    Raises:
+        ConfigurationError: naming each bad key (with the section's valid keys) or bad value.
+    """
+    data = dict(data)
+    for section, tag, default in (("data", "name", "digits"), ("host", "kind", "mlp")):
+        if isinstance(data.get(section), Mapping) and tag not in data[section]:
+            data[section] = {tag: default, **data[section]}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe_error(error) for error in exc.errors()]
+        raise ConfigurationError(
+            f"invalid run config ({source}):\n  " + "\n  ".join(problems)
+        ) from None
+
+
+def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config (or start from the defaults) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigurationError: the file is missing or not a YAML mapping, or a key/value is invalid.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigurationError(
+                f"config file {source} does not exist; the presets are in configs/ "
+                "(configs/digits.yaml, configs/mnist1d.yaml, configs/regression.yaml)"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"config file {source} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigurationError(
+                f"config file {source} must be a mapping of sections (run:, data:, host:, …), "
+                f"got a {type(loaded).__name__}"
+            )
+        data = loaded or {}
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    return config_from_dict(merge(data, parse_overrides(overrides)), source=source)
+
+
+def _describe_error(error: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(part) for part in _user_path(loc))
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" Did you mean {'.'.join([*where.split('.')[:-1], close[0]])!r}?" if close else ""
+        return f"unknown key {where!r}.{hint} Valid keys here: {', '.join(valid)}"
+    if error["type"] == "union_tag_invalid":
+        return f"{where}: {error['msg']}"
+    return f"{where or 'config'}: {error['msg']} (got {error.get('input')!r})"
+
+
+_UNION_TAGS = {"data", "host"}
+
+
+def _user_path(loc: tuple[Any, ...]) -> list[Any]:
+    """Drop the discriminator tag Pydantic inserts after a union field (``data.digits.x``)."""
+    path: list[Any] = []
+    skip = False
+    for i, part in enumerate(loc):
+        if skip:
+            skip = False
+            continue
+        path.append(part)
+        if i == 0 and part in _UNION_TAGS and len(loc) > 1:
+            skip = True
+    return path
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at ``loc`` (as Pydantic reports it)."""
+    model: type[BaseModel] = RunConfig
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        annotation = model.model_fields[str(part)].annotation
+        members = [m for m in getattr(annotation, "__args__", (annotation,))]
+        sections = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if len(sections) > 1 and parts:  # a tagged union: the next part is the tag
+            tag = parts.pop(0)
+            sections = [
+                m for m in sections if tag in {f.default for f in m.model_fields.values()}
+            ] or sections[:1]
+        if not sections:
+            return []
+        model = sections[0]
+    return list(model.model_fields)

@@ -20,7 +20,9 @@ A sixth gate, ``loss_spike``, judges a graft after its evaluation window: if the
 loss over the window rose more than ``loss_spike_tolerance`` (relative) above the mean loss before
 the graft, or any loss was not finite, the graft is rolled back (culled) and its layer penalised
 with the long cooldown. :meth:`SafetyGates.blocked_layers` tells the graph builder which layers a
-gate closes right now, so policies rarely propose what would be refused. All state is plain JSON
+gate closes right now, so policies rarely propose what would be refused; a layer whose proposal
+was refused also stays masked for ``refusal_backoff_steps`` (named by the gate that refused it), so
+a policy does not propose the same refused action on every cycle. All state is plain JSON
 (:meth:`SafetyGates.state_dict`) for checkpoints.
 """
 
@@ -69,6 +71,7 @@ class SafetyConfig:
             exceeds the mean loss before it by more than this fraction.
         rollback_cooldown_factor: after a rollback the layer's cooldown is this many times longer.
         rollback_penalty: penalty (a positive number) reported in the reward of a rolled-back graft.
+        refusal_backoff_steps: steps a layer stays masked after one of its proposals was refused.
     """
 
     cooldown_steps: int = 100
@@ -80,11 +83,15 @@ class SafetyConfig:
     loss_spike_tolerance: float = 0.25
     rollback_cooldown_factor: float = 4.0
     rollback_penalty: float = 1.0
+    refusal_backoff_steps: int = 50
 
     def __post_init__(self) -> None:
         problems = []
-        if self.cooldown_steps < 0:
-            problems.append(f"cooldown_steps={self.cooldown_steps} (expected >= 0)")
+        if self.cooldown_steps < 0 or self.refusal_backoff_steps < 0:
+            problems.append(
+                f"cooldown_steps={self.cooldown_steps} and refusal_backoff_steps="
+                f"{self.refusal_backoff_steps} (expected >= 0)"
+            )
         if self.window_steps < 1 or self.max_adaptations < 0:
             problems.append(
                 f"window_steps={self.window_steps} (expected >= 1) and "
@@ -169,6 +176,7 @@ class SafetyGates:
         self._adaptation_steps: list[int] = []
         self._last_adaptation: dict[str, int] = {}
         self._blocked_until: dict[str, int] = {}
+        self._backoff: dict[str, tuple[int, str]] = {}
         self.refusals: Counter[str] = Counter()
         """Refusals so far, by gate name."""
         self.rollbacks = 0
@@ -193,6 +201,8 @@ class SafetyGates:
         verdict = self._first_refusal(proposal, base_parameters, kernel_parameters)
         if verdict.gate is not None:
             self.refusals[verdict.gate] += 1
+            until = proposal.step + self.config.refusal_backoff_steps
+            self._backoff[proposal.layer_name] = (until, verdict.gate)
         return verdict
 
     def _first_refusal(
@@ -257,10 +267,11 @@ class SafetyGates:
     ) -> dict[str, str]:
         """Layers a gate closes at ``step``, mapped to the gate's name (for ``germinate_mask``).
 
-        The cooldown closes single layers; the rate limit and an exhausted parameter budget
-        (``kernel_parameters / base_parameters`` already at the budget, when ``base_parameters``
-        is given) close every layer. Confidence and uncertainty depend on the proposal and are
-        only checked by :meth:`check`.
+        The cooldown closes single layers, and so does a recent refusal (for
+        ``refusal_backoff_steps``, named by the gate that refused); the rate limit and an exhausted
+        parameter budget (``kernel_parameters / base_parameters`` already at the budget, when
+        ``base_parameters`` is given) close every layer. Confidence and uncertainty depend on the
+        proposal and are only checked by :meth:`check`.
         """
         names = list(layer_names)
         if self.adaptations_in_window(step) >= self.config.max_adaptations:
@@ -270,7 +281,14 @@ class SafetyGates:
             and _fraction(kernel_parameters, base_parameters) >= self.config.max_parameter_fraction
         ):
             return dict.fromkeys(names, GATE_PARAMETER_BUDGET)
-        return {name: GATE_COOLDOWN for name in names if step < self.cooldown_until(name)}
+        blocked = {}
+        for name in names:
+            backoff_until, gate = self._backoff.get(name, (0, ""))
+            if step < self.cooldown_until(name):
+                blocked[name] = GATE_COOLDOWN
+            elif step < backoff_until:
+                blocked[name] = gate
+        return blocked
 
     def record_adaptation(self, step: int, layer_name: str) -> None:
         """Remember an accepted adaptation: starts the layer's cooldown, counts in the window."""
@@ -345,6 +363,7 @@ class SafetyGates:
             "adaptation_steps": list(self._adaptation_steps),
             "last_adaptation": dict(self._last_adaptation),
             "blocked_until": dict(self._blocked_until),
+            "backoff": {name: [until, gate] for name, (until, gate) in self._backoff.items()},
             "refusals": dict(self.refusals),
             "rollbacks": self.rollbacks,
         }
@@ -354,6 +373,7 @@ class SafetyGates:
         self._adaptation_steps = [int(s) for s in state["adaptation_steps"]]
         self._last_adaptation = {str(k): int(v) for k, v in state["last_adaptation"].items()}
         self._blocked_until = {str(k): int(v) for k, v in state["blocked_until"].items()}
+        self._backoff = {str(k): (int(v[0]), str(v[1])) for k, v in state["backoff"].items()}
         self.refusals = Counter({str(k): int(v) for k, v in state["refusals"].items()})
         self.rollbacks = int(state["rollbacks"])
 

@@ -220,3 +220,19 @@ def test_invalid_config_says_which_fields() -> None:
         SafetyConfig(min_confidence=1.5)
     with pytest.raises(ConfigurationError, match="cooldown_steps=-1"):
         SafetyConfig(cooldown_steps=-1)
+
+
+def test_a_refused_layer_stays_masked_for_the_backoff_named_by_its_gate() -> None:
+    gates = SafetyGates(SafetyConfig(max_parameter_fraction=0.1, refusal_backoff_steps=30))
+    layers = ["fc1", "fc2"]
+
+    refused = gates.check(
+        _germinate(100, added_parameters=200), base_parameters=BASE, kernel_parameters=0
+    )
+
+    assert refused.gate == GATE_PARAMETER_BUDGET
+    assert gates.blocked_layers(100, layers) == {"fc1": GATE_PARAMETER_BUDGET}
+    assert gates.blocked_layers(129, layers) == {"fc1": GATE_PARAMETER_BUDGET}
+    assert gates.blocked_layers(130, layers) == {}
+    small = _germinate(110, added_parameters=50)  # the backoff masks; it does not refuse
+    assert gates.check(small, base_parameters=BASE, kernel_parameters=0).allowed

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,31 +24,9 @@ import redis
 from esper.contracts import Envelope, KernelReady, KernelTarget, LayerKind, Topic
 from esper.oona import BackgroundPublisher, BusUnavailableError, make_envelope, open_bus
 from esper.oona.redis_streams import RedisStreamsBus
+from servers import free_port, start_redis_server
 
 pytestmark = pytest.mark.services
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
-
-    Same as the helper in ``tests/conftest.py``; copied because ``from conftest import`` picks up
-    whichever ``conftest`` module pytest imported last (``tests/unit/*/conftest.py`` exist too).
-    """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    """Block until something accepts connections on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
 def kernel_ready(index: int) -> KernelReady:
@@ -253,19 +230,6 @@ def test_a_deleted_stream_gets_its_group_back_on_the_next_poll(
     assert subscription.poll() == []
     bus.publish(Topic.KERNEL_READY, kernel_ready(3))
     assert [d.decode() for d in subscription.poll()] == [kernel_ready(3)]
-
-
-def start_redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        [
-            *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port, timeout=10)
-    return server
 
 
 def test_publishing_survives_redis_stopping_mid_run_and_resumes_after_restart(

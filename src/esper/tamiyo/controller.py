@@ -1,0 +1,636 @@
+"""The Tamiyo controller: health -> layer graph -> policy -> safety gates -> decisions on Oona.
+
+One decision cycle reads the smoothed per-layer health (:class:`~esper.tamiyo.health.
+HealthCollector`), builds the layer graph (:mod:`esper.tamiyo.graph`) with the layers the safety
+gates close masked out, asks the policy for an action, validates it with the gates, and publishes
+an :class:`~esper.contracts.AdaptationDecision` on ``control.kasmina.commands`` or a
+:class:`~esper.contracts.DecisionRefusal` on ``control.tamiyo.refusals``.
+
+Two ways to run it:
+
+- **synchronously** (Tolaria's deterministic, resumable default): the training loop feeds it
+  (:meth:`TamiyoController.observe_telemetry`, :meth:`~TamiyoController.observe_progress`) and
+  calls :meth:`~TamiyoController.decide` at fixed steps; no thread, no timing dependence.
+- **autonomously**: :meth:`~TamiyoController.start` runs a 100 ms cycle on a thread (and the
+  collector's 50 ms polling thread), deciding whenever new telemetry arrived, or at once when a
+  layer raises an anomaly alert. ``esper tamiyo serve`` runs it as its own process.
+
+In process the controller may hold the :class:`~esper.core.MorphableModel` (read only). As its own
+process it needs the model's structure: the training side publishes a :class:`ModelTopology`
+once on ``telemetry.topology`` and :class:`TrainingProgress` (step, loss, parameter counts) every
+few steps on ``telemetry.progress`` (the :class:`~esper.tolaria.growth_executor.GrowthExecutor`
+does both); seed states come with the health signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from esper.blueprints.registry import build_empty_kernel
+from esper.contracts import (
+    AdaptationAction,
+    AdaptationDecision,
+    BlueprintSpec,
+    Contract,
+    DecisionRefusal,
+    HealthSignal,
+    HealthSignalBatch,
+    KernelTarget,
+    RewardReport,
+    SeedState,
+    Topic,
+)
+from esper.errors import ConfigurationError
+from esper.oona import BusUnavailableError, MessageBus, Subscription
+from esper.tamiyo.graph import GlobalState, GraphStructure, graph_structure, trace_edges
+from esper.tamiyo.health import HealthCollector
+from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph, PolicyOutput
+from esper.tamiyo.safety import GATES, GateVerdict, Proposal, SafetyGates
+
+if TYPE_CHECKING:
+    from esper.core import MorphableModel
+
+logger = logging.getLogger(__name__)
+
+TOPOLOGY_TOPIC = "telemetry.topology"
+"""Topic of :class:`ModelTopology` (published once per run by the training side)."""
+PROGRESS_TOPIC = "telemetry.progress"
+"""Topic of :class:`TrainingProgress` (published every few steps by the training side)."""
+GATE_MASK = "mask"
+"""Refusal gate of an action the graph's ``germinate_mask`` did not allow (a policy bug)."""
+
+
+class LayerTopology(Contract):
+    """One seeded layer, as a controller without the model sees it."""
+
+    layer_name: str
+    target: KernelTarget
+    base_parameters: int = Field(ge=0)
+    num_seeds: int = Field(ge=1)
+
+
+class ModelTopology(Contract):
+    """The structure of a morphable model: its seeded layers and the data flow between them."""
+
+    run_id: str
+    layers: tuple[LayerTopology, ...]
+    edges: tuple[tuple[int, int], ...] | None = Field(
+        default=None, description="(source, destination) layer indices; None: module order"
+    )
+    traced: bool = False
+    base_parameters: int = Field(ge=0, description="parameters of the whole host model")
+
+    @classmethod
+    def from_model(cls, model: MorphableModel, *, run_id: str) -> ModelTopology:
+        """Describe ``model`` (edges from an fx trace, as the graph builder computes them)."""
+        layers = [model.layer(name) for name in model.layer_names]
+        edges = trace_edges(model, layers)
+        return cls(
+            run_id=run_id,
+            layers=tuple(
+                LayerTopology(
+                    layer_name=layer.layer_name,
+                    target=layer.target(),
+                    base_parameters=sum(p.numel() for p in layer.base.parameters()),
+                    num_seeds=layer.num_seeds,
+                )
+                for layer in layers
+            ),
+            edges=tuple(edges) if edges is not None else None,
+            traced=edges is not None,
+            base_parameters=sum(p.numel() for p in model.base_parameters()),
+        )
+
+    def structure(self) -> GraphStructure:
+        """The graph builder's static structure for this topology."""
+        return GraphStructure.from_layers(
+            [layer.layer_name for layer in self.layers],
+            [layer.target for layer in self.layers],
+            [layer.base_parameters for layer in self.layers],
+            self.edges,
+            traced=self.traced,
+        )
+
+
+class TrainingProgress(Contract):
+    """Where a training run is: its step, recent loss and parameter counts."""
+
+    run_id: str
+    step: int = Field(ge=0)
+    total_steps: int | None = Field(default=None, ge=1)
+    loss: float | None = Field(default=None, description="mean training loss of recent steps")
+    base_parameters: int = Field(ge=0)
+    kernel_parameters: int = Field(ge=0)
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    """What one decision did.
+
+    Attributes:
+        step: the training step the decision is based on.
+        output: the policy's choice.
+        graph: the observation the policy saw.
+        decision: the published decision, if the policy germinated and the gates allowed it.
+        refusal: the published refusal, if a gate refused.
+    """
+
+    step: int
+    output: PolicyOutput
+    graph: LayerGraph
+    decision: AdaptationDecision | None = None
+    refusal: DecisionRefusal | None = None
+
+
+class TamiyoController:
+    """Decides where and when a training run grows.
+
+    Args:
+        bus: where telemetry is read and decisions are published (``None``: fed and read
+            directly, nothing published).
+        policy: the growth policy (learned or baseline).
+        run_id: the training run this controller serves.
+        safety: the safety gates (default thresholds if omitted).
+        model: the morphable model, when running in the training process (read only).
+        topology: the model's structure, when running without the model; otherwise it is read
+            from ``telemetry.topology``.
+        collector: the health collector (default: one consuming ``telemetry.health`` of
+            ``run_id`` from ``bus``).
+        total_steps: the run's training budget in steps (for the ``progress`` feature).
+        decide_every_steps: in :meth:`run_cycle`, decide when telemetry advanced this many steps
+            since the last decision (anomaly alerts decide at once on new telemetry).
+        cycle_s: period of the autonomous loop.
+        explore: let the policy sample instead of taking its best action.
+        group: consumer-group prefix on the bus.
+        consumer: this controller's consumer name.
+    """
+
+    def __init__(
+        self,
+        bus: MessageBus | None,
+        policy: GrowthPolicy,
+        *,
+        run_id: str,
+        safety: SafetyGates | None = None,
+        model: MorphableModel | None = None,
+        topology: ModelTopology | None = None,
+        collector: HealthCollector | None = None,
+        total_steps: int | None = None,
+        decide_every_steps: int = 1,
+        cycle_s: float = 0.1,
+        explore: bool = False,
+        group: str = "tamiyo",
+        consumer: str = "tamiyo-0",
+    ) -> None:
+        if decide_every_steps < 1 or cycle_s <= 0:
+            raise ConfigurationError(
+                f"decide_every_steps={decide_every_steps} (expected >= 1) and cycle_s={cycle_s} "
+                "(expected > 0)"
+            )
+        self.bus = bus
+        self.policy = policy
+        self.run_id = run_id
+        self.safety = safety or SafetyGates()
+        self.model = model
+        self.total_steps = total_steps
+        self.decide_every_steps = decide_every_steps
+        self.cycle_s = cycle_s
+        self.explore = explore
+        self.collector = collector or HealthCollector(
+            bus, run_id=run_id, group=f"{group}-health", consumer=consumer
+        )
+        self.counters: Counter[str] = Counter()
+        """``decisions``, ``refusals``, ``waits``, ``cycles``, ``rewards``, ``publish_errors``,
+        ``cycle_errors``."""
+        self.adaptations = 0
+        """Germinations decided so far."""
+        self.last_result: CycleResult | None = None
+        self._topology: ModelTopology | None = None
+        self._structure: GraphStructure | None = None
+        self._targets: dict[str, KernelTarget] = {}
+        self._base_parameters = 0
+        self._progress: TrainingProgress | None = None
+        self._losses: deque[float] = deque(maxlen=20)
+        self._last_decision_step: int | None = None
+        self._committed: dict[str, tuple[str, int, int]] = {}
+        self._kernel_sizes: dict[tuple[str, str], int] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._collector_thread = False
+        self._subscriptions: list[Subscription] = []
+        if model is not None:
+            self._use_structure(graph_structure(model), _model_targets(model))
+            self._base_parameters = sum(p.numel() for p in model.base_parameters())
+        elif topology is not None:
+            self.observe(topology)
+        if bus is not None:
+            self._subscriptions = [
+                bus.subscribe(topic, f"{group}-{topic}", consumer, start="earliest")
+                for topic in _TOPIC_PAYLOADS
+            ]
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def observe_telemetry(self, signals: HealthSignalBatch | Sequence[HealthSignal]) -> None:
+        """Feed one telemetry flush to the health collector (synchronous use)."""
+        self.collector.ingest(signals)
+
+    def observe_progress(
+        self,
+        step: int,
+        *,
+        loss: float | None = None,
+        total_steps: int | None = None,
+        kernel_parameters: int | None = None,
+    ) -> None:
+        """Record the run's step and recent loss (synchronous use; see :class:`TrainingProgress`)."""
+        with self._lock:
+            if total_steps is not None:
+                self.total_steps = total_steps
+            if loss is not None and math.isfinite(loss):
+                self._losses.append(float(loss))
+            self._progress = TrainingProgress(
+                run_id=self.run_id,
+                step=step,
+                total_steps=self.total_steps,
+                loss=loss if loss is not None and math.isfinite(loss) else None,
+                base_parameters=self._base_parameters,
+                kernel_parameters=kernel_parameters
+                if kernel_parameters is not None
+                else self._observed_kernel_parameters(),
+            )
+
+    def observe(self, message: Contract) -> None:
+        """Take in a message from the training side (what :meth:`poll_bus` receives):
+        :class:`ModelTopology`, :class:`TrainingProgress`, :class:`RewardReport`,
+        :class:`DecisionRefusal` or :class:`HealthSignalBatch`. Other runs' messages are ignored.
+        """
+        if getattr(message, "run_id", self.run_id) != self.run_id:
+            self.counters["other_run"] += 1
+            return
+        with self._lock:
+            if isinstance(message, ModelTopology):
+                if self.model is None and message != self._topology:
+                    self._topology = message
+                    self._base_parameters = message.base_parameters
+                    self._use_structure(
+                        message.structure(), {lay.layer_name: lay.target for lay in message.layers}
+                    )
+            elif isinstance(message, TrainingProgress):
+                if self._progress is None or message.step >= self._progress.step:
+                    if message.total_steps is not None:
+                        self.total_steps = message.total_steps
+                    if message.loss is not None and math.isfinite(message.loss):
+                        self._losses.append(message.loss)
+                    self._base_parameters = self._base_parameters or message.base_parameters
+                    self._progress = message
+            elif isinstance(message, RewardReport):
+                self._observe_reward(message)
+            elif isinstance(message, DecisionRefusal):
+                self._observe_refusal(message)
+            elif isinstance(message, HealthSignalBatch):
+                self.collector.ingest(message)
+
+    def _observe_reward(self, report: RewardReport) -> None:
+        self.counters["rewards"] += 1
+        if report.outcome is AdaptationAction.CULL:
+            self._committed.pop(report.decision_id, None)
+            self.safety.record_rollback(report.step, report.layer_name)
+
+    def _observe_refusal(self, refusal: DecisionRefusal) -> None:
+        if refusal.gate in GATES or refusal.gate == GATE_MASK:
+            return  # a gate's refusal (ours): nothing was committed for it
+        # The training side could not apply one of our decisions: its parameters never arrive.
+        for decision_id, (layer, step, _) in list(self._committed.items()):
+            if (layer, step) == (refusal.layer_name, refusal.step):
+                del self._committed[decision_id]
+                self.counters["failed_on_training_side"] += 1
+                break
+
+    def poll_bus(self, *, poll_health: bool = True) -> int:
+        """Receive, handle and acknowledge what the training side published; return the count."""
+        handled = self.collector.poll_once() if poll_health else 0
+        for subscription in self._subscriptions:
+            deliveries = subscription.poll(256)
+            for delivery in deliveries:
+                try:
+                    message = delivery.decode(_TOPIC_PAYLOADS[str(delivery.topic)])
+                except Exception as exc:  # a foreign or malformed message: drop, keep going
+                    self.counters["undecodable"] += 1
+                    logger.warning("controller: dropping message %s: %s", delivery.message_id, exc)
+                    continue
+                self.observe(message)
+            if deliveries:
+                subscription.ack(*deliveries)
+            handled += len(deliveries)
+        return handled
+
+    # -- deciding ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether the controller knows the model's structure (it cannot decide before)."""
+        return self._structure is not None
+
+    @property
+    def latest_step(self) -> int | None:
+        """The newest training step seen in telemetry or progress."""
+        steps = [s for s in (self.collector.latest_step, self._progress_step()) if s is not None]
+        return max(steps) if steps else None
+
+    def _progress_step(self) -> int | None:
+        return self._progress.step if self._progress is not None else None
+
+    def run_cycle(self, *, poll_health: bool = True) -> CycleResult | None:
+        """One autonomous cycle: poll the bus, then decide if new telemetry is due.
+
+        A decision is due when telemetry advanced ``decide_every_steps`` since the last
+        decision, or when a layer raised an anomaly alert on telemetry newer than the last
+        decision. Returns the decision's result, or ``None`` when nothing was due.
+        """
+        with self._lock:
+            self.counters["cycles"] += 1
+            if self.bus is not None:
+                self.poll_bus(poll_health=poll_health)
+            step = self.collector.latest_step
+            if step is None or not self.ready:
+                return None
+            last = self._last_decision_step
+            alerts = self.collector.take_alerts()
+            if last is not None and step < last + self.decide_every_steps:
+                if not alerts or step <= last:
+                    return None
+                self.counters["alert_decisions"] += 1  # ahead of schedule: a layer is in trouble
+            return self.decide(step)
+
+    def decide(self, step: int | None = None) -> CycleResult:
+        """Decide once on the current observations (synchronous and deterministic).
+
+        Args:
+            step: the training step to attribute the decision to (default: the newest seen).
+
+        Raises:
+            ConfigurationError: the model's structure is not known yet (no model, no topology).
+        """
+        with self._lock:
+            if self._structure is None:
+                raise ConfigurationError(
+                    "the controller does not know the model's structure yet: pass model= or "
+                    "topology=, or wait until the training side publishes its ModelTopology"
+                )
+            step = step if step is not None else (self.latest_step or 0)
+            structure = self._structure
+            seed_states = self._seed_states()
+            base = self._base_parameters
+            kernel = max(self._observed_kernel_parameters(), self._committed_parameters())
+            blocked = self.safety.blocked_layers(
+                step, structure.layer_names, base_parameters=base, kernel_parameters=kernel
+            )
+            graph = structure.build(
+                self.collector.summaries(),
+                seed_states=seed_states,
+                globals=self._globals(step, base, kernel),
+                step=step,
+                blocked=blocked,
+            )
+            output = self.policy.act(graph, explore=self.explore)
+            self._last_decision_step = step
+            result = self._validate(graph, output, seed_states, base, kernel)
+            self.last_result = result
+            return result
+
+    def _validate(
+        self,
+        graph: LayerGraph,
+        output: PolicyOutput,
+        seed_states: Mapping[str, Sequence[SeedState]],
+        base: int,
+        kernel: int,
+    ) -> CycleResult:
+        action, step = output.action, graph.step
+        if action.node is None or action.option is None:
+            self.counters["waits"] += 1
+            return CycleResult(step, output, graph)
+        layer = graph.layer_names[action.node]
+        option = BLUEPRINT_CATALOG[action.option]
+        proposal = Proposal(
+            step=step,
+            layer_name=layer,
+            action=AdaptationAction.GERMINATE,
+            confidence=output.confidence,
+            uncertainty=output.uncertainty,
+            added_parameters=self._kernel_size(option.spec, self._targets[layer]),
+        )
+        if not bool(graph.action_mask()[action.index()]):
+            logger.error("policy %s chose a masked action %s", self.policy.name, action)
+            verdict = GateVerdict(GATE_MASK, f"option {option.name} is not allowed for {layer!r}")
+        else:
+            verdict = self.safety.check(proposal, base_parameters=base, kernel_parameters=kernel)
+        if verdict.gate is not None:
+            refusal = SafetyGates.refusal(
+                proposal, verdict, run_id=self.run_id, policy=self.policy.name
+            )
+            self.counters["refusals"] += 1
+            logger.info("refused %s on %r at step %d: %s", option.name, layer, step, verdict.reason)
+            self._publish(Topic.CONTROL_TAMIYO_REFUSALS, refusal)
+            return CycleResult(step, output, graph, refusal=refusal)
+        seed_idx = next(i for i, s in enumerate(seed_states[layer]) if s is SeedState.DORMANT)
+        decision = AdaptationDecision(
+            run_id=self.run_id,
+            step=step,
+            action=AdaptationAction.GERMINATE,
+            layer_name=layer,
+            seed_idx=seed_idx,
+            blueprint=option.spec,
+            policy=self.policy.name,
+            confidence=min(1.0, max(0.0, output.confidence)),
+            uncertainty=max(0.0, output.uncertainty),
+            reason=f"{option.name}: +{proposal.added_parameters} parameters",
+        )
+        self.safety.record_adaptation(step, layer)
+        self._committed[decision.decision_id] = (layer, step, proposal.added_parameters)
+        self.adaptations += 1
+        self.counters["decisions"] += 1
+        logger.info("decided %s on %r seed %d at step %d", option.name, layer, seed_idx, step)
+        self._publish(Topic.CONTROL_KASMINA_COMMANDS, decision)
+        return CycleResult(step, output, graph, decision=decision)
+
+    def _publish(self, topic: Topic, message: Contract) -> None:
+        if self.bus is None:
+            return
+        try:
+            self.bus.publish(topic, message)
+        except BusUnavailableError as exc:
+            self.counters["publish_errors"] += 1
+            logger.warning("controller: could not publish on %s: %s", topic, exc)
+
+    # -- observations --------------------------------------------------------------------------
+
+    def _use_structure(self, structure: GraphStructure, targets: dict[str, KernelTarget]) -> None:
+        self._structure = structure
+        self._targets = targets
+
+    def _seed_states(self) -> dict[str, tuple[SeedState, ...]]:
+        if self.model is not None:
+            return {name: self.model.layer(name).seed_states for name in self.model.layer_names}
+        return self.collector.seed_states()
+
+    def _observed_kernel_parameters(self) -> int:
+        if self.model is not None:
+            return sum(p.numel() for p in self.model.kernel_parameters())
+        return self._progress.kernel_parameters if self._progress is not None else 0
+
+    def _committed_parameters(self) -> int:
+        return sum(params for _, _, params in self._committed.values())
+
+    def _kernel_size(self, spec: BlueprintSpec, target: KernelTarget) -> int:
+        key = (spec.canonical_json(), target.model_dump_json())
+        if key not in self._kernel_sizes:
+            module = build_empty_kernel(spec, target)  # meta device: shapes only
+            self._kernel_sizes[key] = sum(p.numel() for p in module.parameters())
+        return self._kernel_sizes[key]
+
+    def _globals(self, step: int, base: int, kernel: int) -> GlobalState:
+        losses = list(self._losses)
+        half = len(losses) // 2
+        loss = sum(losses[half:]) / len(losses[half:]) if losses else 0.0
+        trend = 0.0
+        if half:
+            earlier = sum(losses[:half]) / half
+            trend = (loss - earlier) / max(abs(earlier), 1e-8)
+        return GlobalState(
+            progress=min(1.0, step / self.total_steps) if self.total_steps else 0.0,
+            kernel_parameter_fraction=kernel / base if base else 0.0,
+            adaptations=float(self.adaptations),
+            loss=loss,
+            loss_trend=trend,
+        )
+
+    # -- autonomous loop -----------------------------------------------------------------------
+
+    def start(self) -> TamiyoController:
+        """Run :meth:`run_cycle` every ``cycle_s`` on a daemon thread (and the collector's own
+        polling thread when it has a bus) until :meth:`stop`."""
+        if self._thread is None:
+            self._stop.clear()
+            self._collector_thread = self.bus is not None
+            if self._collector_thread:
+                self.collector.start()
+            self._thread = threading.Thread(target=self._run, name="tamiyo-controller", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run_cycle(poll_health=not self._collector_thread)
+            except BusUnavailableError as exc:
+                self.counters["cycle_errors"] += 1
+                logger.warning("controller: bus unavailable (%s); retrying", exc)
+            except Exception:  # the loop must outlive any single bad cycle
+                self.counters["cycle_errors"] += 1
+                logger.exception("controller: cycle failed; continuing")
+            self._stop.wait(max(0.0, self.cycle_s - (time.monotonic() - started)))
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop the autonomous loop and the collector's thread (the bus is not closed)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.collector.stop(timeout)
+
+    def serve(self, *, duration_s: float | None = None) -> None:
+        """Run the autonomous loop in the foreground until ``duration_s`` passed or Ctrl-C."""
+        self.start()
+        try:
+            if duration_s is None:
+                while self._thread is not None and self._thread.is_alive():
+                    self._thread.join(0.5)
+            else:
+                self._stop.wait(duration_s)
+        except KeyboardInterrupt:
+            logger.info("controller: interrupted")
+        finally:
+            self.stop()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state (safety, health, policy when it has one, counters) as JSON."""
+        with self._lock:
+            policy_state = getattr(self.policy, "state_dict", None)
+            return {
+                "run_id": self.run_id,
+                "safety": self.safety.state_dict(),
+                "collector": self.collector.state_dict(),
+                "policy": policy_state() if callable(policy_state) else None,
+                "adaptations": self.adaptations,
+                "counters": dict(self.counters),
+                "last_decision_step": self._last_decision_step,
+                "committed": {k: list(v) for k, v in self._committed.items()},
+                "losses": list(self._losses),
+                "total_steps": self.total_steps,
+                "progress": self._progress.model_dump(mode="json") if self._progress else None,
+                "topology": self._topology.model_dump(mode="json") if self._topology else None,
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a policy without state is left as is)."""
+        with self._lock:
+            self.safety.load_state_dict(state["safety"])
+            self.collector.load_state_dict(state["collector"])
+            load_policy_state = getattr(self.policy, "load_state_dict", None)
+            if state["policy"] is not None and callable(load_policy_state):
+                load_policy_state(state["policy"])
+            self.adaptations = int(state["adaptations"])
+            self.counters = Counter(state["counters"])
+            self._last_decision_step = state["last_decision_step"]
+            self._committed = {
+                k: (str(v[0]), int(v[1]), int(v[2])) for k, v in state["committed"].items()
+            }
+            self._losses = deque((float(x) for x in state["losses"]), maxlen=self._losses.maxlen)
+            self.total_steps = state["total_steps"]
+            progress = state["progress"]
+            self._progress = TrainingProgress.model_validate(progress) if progress else None
+            if state["topology"] is not None and self.model is None:
+                self.observe(ModelTopology.model_validate(state["topology"]))
+
+
+_TOPIC_PAYLOADS: dict[str, type[Contract]] = {
+    TOPOLOGY_TOPIC: ModelTopology,
+    PROGRESS_TOPIC: TrainingProgress,
+    str(Topic.CONTROL_TAMIYO_REWARDS): RewardReport,
+    str(Topic.CONTROL_TAMIYO_REFUSALS): DecisionRefusal,
+}
+
+
+def _model_targets(model: MorphableModel) -> dict[str, KernelTarget]:
+    return {name: model.layer(name).target() for name in model.layer_names}
+
+
+def load_policy(spec: str, *, seed: int = 0) -> GrowthPolicy:
+    """A policy by name (``random``, ``round_robin``, ``bottleneck``) or a trained policy's path.
+
+    Raises:
+        ConfigurationError: ``spec`` is neither a baseline name nor a loadable policy.
+    """
+    from esper.tamiyo.baselines import BASELINE_NAMES, make_baseline
+
+    if spec in BASELINE_NAMES:
+        return make_baseline(spec, seed=seed)
+    raise ConfigurationError(
+        f"unknown policy {spec!r}: use one of {', '.join(BASELINE_NAMES)}, or the path of a "
+        "trained policy"
+    )

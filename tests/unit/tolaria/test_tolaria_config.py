@@ -1,0 +1,123 @@
+"""Run configs: presets, key=value overrides, and errors that name the bad key and the valid ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from esper.errors import ConfigurationError
+from esper.tolaria.config import (
+    CnnHost,
+    Mnist1dData,
+    RunConfig,
+    load_config,
+    parse_overrides,
+)
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+PRESETS = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_the_three_dataset_presets_exist() -> None:
+    names = {path.stem for path in PRESETS}
+
+    assert {"digits", "mnist1d", "regression"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_each_preset_validates_and_opens_with_its_run_command(path: Path) -> None:
+    first_line = path.read_text().splitlines()[0]
+
+    config = load_config(path)
+
+    assert first_line == f"# esper train --config configs/{path.name}"
+    assert isinstance(config, RunConfig)
+    assert config.growth.enabled
+
+
+def test_overrides_are_parsed_as_yaml_and_nested() -> None:
+    tree = parse_overrides(["train.epochs=2", "host.hidden=[16, 8]", "growth.enabled=false"])
+
+    assert tree == {
+        "train": {"epochs": 2},
+        "host": {"hidden": [16, 8]},
+        "growth": {"enabled": False},
+    }
+
+
+def test_overrides_replace_preset_values(tmp_path: Path) -> None:
+    config = load_config(
+        CONFIGS / "digits.yaml",
+        overrides=["train.epochs=2", f"run.dir={tmp_path}", "train.lr=3e-3", "host.hidden=[4]"],
+    )
+
+    assert config.train.epochs == 2
+    assert config.run.dir == tmp_path
+    assert config.train.lr == pytest.approx(0.003)
+    assert config.host.hidden == [4]  # type: ignore[union-attr]
+    assert config.data.name == "digits"  # untouched keys keep the preset's values
+
+
+def test_switching_a_tagged_section_uses_that_variants_fields() -> None:
+    config = load_config(overrides=["data.name=mnist1d", "host.kind=cnn", "host.channels=[4]"])
+
+    assert isinstance(config.data, Mnist1dData)
+    assert isinstance(config.host, CnnHost)
+    assert config.host.channels == [4]
+
+
+def test_an_unknown_key_is_named_with_a_suggestion_and_the_valid_keys() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_config(overrides=["train.epoch=2"])
+
+    message = str(caught.value)
+    assert "unknown key 'train.epoch'" in message
+    assert "Did you mean 'train.epochs'?" in message
+    assert "epochs, optimizer, lr" in message
+
+
+def test_an_unknown_section_lists_the_sections() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"unknown key 'trian'.*Did you mean 'train'"
+    ) as caught:
+        load_config(overrides=["trian.epochs=2"])
+
+    assert "run, data, host, seeds, train, growth, urza" in str(caught.value)
+
+
+def test_a_key_of_another_variant_is_rejected_with_this_variants_keys() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_config(overrides=["host.kind=cnn", "host.hidden=[3]"])
+
+    message = str(caught.value)
+    assert "unknown key 'host.hidden'" in message
+    assert "kind, channels, kernel_size, activation" in message
+
+
+def test_a_bad_value_names_the_key_and_the_constraint() -> None:
+    with pytest.raises(ConfigurationError, match=r"train\.lr: Input should be greater than 0"):
+        load_config(overrides=["train.lr=-1"])
+
+
+def test_an_unknown_dataset_lists_the_embedded_ones() -> None:
+    with pytest.raises(ConfigurationError, match="'digits', 'mnist1d', 'regression'"):
+        load_config(overrides=["data.name=cifar"])
+
+
+def test_a_malformed_override_says_how_to_write_one() -> None:
+    with pytest.raises(ConfigurationError, match="not key=value"):
+        load_config(overrides=["epochs"])
+
+
+def test_a_missing_file_points_at_the_presets(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"configs/digits\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_the_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "mnist1d.yaml", overrides=["train.epochs=3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+
+    assert load_config(path) == config

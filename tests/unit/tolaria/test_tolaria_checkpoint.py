@@ -1,0 +1,192 @@
+"""Checkpoints: a fresh model + optimizer restored from disk continues exactly like the original,
+even when kernels were grafted in another order than the model's (optimizer groups reordered)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import esper
+from esper.blueprints import create_artifact
+from esper.contracts import BlueprintSpec
+from esper.core import MorphableModel
+from esper.errors import ConfigurationError
+from esper.execution import InMemoryArtifactSource
+from esper.tolaria.checkpoint import (
+    capture,
+    load_checkpoint,
+    optimizer_group_tags,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+
+SPEC = BlueprintSpec(family="residual_mlp", params={"hidden": 8, "activation": "relu"})
+
+
+def _fresh(source: InMemoryArtifactSource) -> tuple[MorphableModel, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = esper.wrap(host, seeds_per_layer=2, kernel_source=source, blend_steps=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.attach_optimizer(optimizer, lr=5e-3)
+    return model, optimizer
+
+
+def _train(model: MorphableModel, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(8, 6)  # global RNG: part of what a checkpoint restores
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.step()
+
+
+def _grow_out_of_order(
+    source: InMemoryArtifactSource,
+) -> tuple[MorphableModel, torch.optim.Optimizer]:
+    model, optimizer = _fresh(source)
+    _train(model, optimizer, 3)
+    for layer in ("2", "0"):  # the later layer first: groups end up out of model order
+        data, meta = create_artifact(SPEC, model.layer(layer).target())
+        source.add(data)
+        model.load_kernel_sync(layer, seed_idx=1, kernel_artifact_id=meta.kernel_id)
+        _train(model, optimizer, 4)
+    return model, optimizer
+
+
+def test_resumed_model_and_optimizer_continue_bit_for_bit(tmp_path: Path) -> None:
+    source = InMemoryArtifactSource()
+    model, optimizer = _grow_out_of_order(source)
+    generator = torch.Generator().manual_seed(5)
+    generator.manual_seed(7)
+    directory = save_checkpoint(
+        tmp_path / "epoch-0001",
+        capture(
+            epoch=1,
+            step=model.global_step,
+            model=model,
+            optimizer=optimizer,
+            data_generator=generator,
+            metrics_position=0,
+            growth={"controller": {"x": 1}},
+        ),
+    )
+    assert optimizer_group_tags(optimizer) == [None, "2:1", "0:1"]
+    _train(model, optimizer, 5)  # the uninterrupted run goes on
+
+    resumed, resumed_optimizer = _fresh(source)
+    checkpoint = load_checkpoint(directory)
+    resumed.load_state_dict(checkpoint.model)
+    assert optimizer_group_tags(resumed_optimizer) == [None, "0:1", "2:1"]  # model order
+    restore_optimizer(resumed_optimizer, checkpoint)
+    restore_rng(checkpoint, torch.Generator())
+    _train(resumed, resumed_optimizer, 5)
+
+    assert optimizer_group_tags(resumed_optimizer) == [None, "2:1", "0:1"]
+    assert checkpoint.growth == {"controller": {"x": 1}}
+    original, restored = model.state_dict(), resumed.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    assert [g["lr"] for g in resumed_optimizer.param_groups] == [1e-2, 5e-3, 5e-3]
+
+
+def test_loading_the_state_without_reordering_would_misplace_the_moments(tmp_path: Path) -> None:
+    source = InMemoryArtifactSource()
+    model, optimizer = _grow_out_of_order(source)
+    saved = optimizer.state_dict()
+    resumed, resumed_optimizer = _fresh(source)
+    resumed.load_state_dict(model.state_dict())
+
+    resumed_optimizer.load_state_dict(saved)  # groups still in model order
+
+    shapes_match = [
+        resumed_optimizer.state[p]["exp_avg"].shape == p.shape
+        for group in resumed_optimizer.param_groups
+        for p in group["params"]
+    ]
+    assert not all(shapes_match)
+
+
+def test_restore_refuses_an_optimizer_with_other_groups(tmp_path: Path) -> None:
+    source = InMemoryArtifactSource()
+    model, optimizer = _grow_out_of_order(source)
+    checkpoint = capture(
+        epoch=1,
+        step=1,
+        model=model,
+        optimizer=optimizer,
+        data_generator=torch.Generator(),
+        metrics_position=0,
+    )
+    _, other_optimizer = _fresh(source)  # no kernels: no kernel groups
+
+    with pytest.raises(ConfigurationError, match="do not match the checkpoint"):
+        restore_optimizer(other_optimizer, checkpoint)
+
+
+def test_every_random_stream_is_restored(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(11)
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    model, optimizer = _fresh(InMemoryArtifactSource())
+    directory = save_checkpoint(
+        tmp_path / "ckpt",
+        capture(
+            epoch=0,
+            step=0,
+            model=model,
+            optimizer=optimizer,
+            data_generator=generator,
+            metrics_position=0,
+        ),
+    )
+    expected = (
+        torch.rand(3),
+        torch.rand(3, generator=generator),
+        random.random(),
+        float(np.random.rand()),
+    )
+    other = torch.Generator()
+
+    restore_rng(load_checkpoint(directory), other)
+
+    assert torch.equal(torch.rand(3), expected[0])
+    assert torch.equal(torch.rand(3, generator=other), expected[1])
+    assert (random.random(), float(np.random.rand())) == expected[2:]
+
+
+def test_files_are_tensors_for_weights_only_and_json(tmp_path: Path) -> None:
+    model, optimizer = _fresh(InMemoryArtifactSource())
+    directory = save_checkpoint(
+        tmp_path / "ckpt",
+        capture(
+            epoch=4,
+            step=40,
+            model=model,
+            optimizer=optimizer,
+            data_generator=torch.Generator(),
+            metrics_position=123,
+        ),
+    )
+
+    tensors = torch.load(directory / "tensors.pt", weights_only=True)
+    state = json.loads((directory / "state.json").read_text())
+    assert set(tensors) == {"model", "optimizer", "torch_rng", "data_rng"}
+    assert (state["epoch"], state["step"], state["metrics_position"]) == (4, 40, 123)
+    assert not (tmp_path / ".ckpt.tmp").exists()
+
+
+def test_an_incomplete_checkpoint_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()
+
+    with pytest.raises(ConfigurationError, match="incomplete"):
+        load_checkpoint(tmp_path / "ckpt")

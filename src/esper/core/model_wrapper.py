@@ -268,7 +268,8 @@ class MorphableModel(nn.Module):
             for group in [g for g in optimizer.param_groups if g.get("esper_seed") == tag]:
                 for param in group["params"]:
                     optimizer.state.pop(param, None)
-                optimizer.param_groups.remove(group)
+                # by identity: list.remove compares groups with ==, i.e. their tensors elementwise
+                optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not group]
 
         self.on_kernel_grafted(add_group)
         self.on_kernel_removed(remove_group)

@@ -1,0 +1,337 @@
+"""Growth executor: decisions applied once, the compile pipeline without blocking steps, grafts
+joining the optimizer, evaluation -> reward -> fossilize, loss-spike rollback, direct
+FOSSILIZE/CULL, refusals naming their gate, deterministic graft steps, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import esper
+from esper.contracts import (
+    AdaptationAction,
+    AdaptationDecision,
+    DecisionRefusal,
+    RewardReport,
+    SeedState,
+    Topic,
+)
+from esper.core import MorphableModel
+from esper.oona import InProcessBus
+from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, ModelTopology, TrainingProgress
+from esper.tamiyo.observation import BLUEPRINT_CATALOG
+from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyConfig, SafetyGates
+from esper.tezzeret import TezzeretWorker
+from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
+from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
+
+MLP_H32 = next(option.spec for option in BLUEPRINT_CATALOG if option.name == "mlp_h32")
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Iterator[ArtifactLibrary]:
+    lib = open_library(
+        metadata_url=f"sqlite:///{tmp_path}/urza.sqlite3", blob_url=f"file://{tmp_path}/blobs"
+    )
+    yield lib
+    lib.close()
+
+
+@dataclass
+class Run:
+    """A tiny training run driving an executor."""
+
+    model: MorphableModel
+    optimizer: torch.optim.Optimizer
+    executor: GrowthExecutor
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def step(self, loss_override: float | None = None) -> StepOutcome:
+        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        graftable = self.executor.graftable(self.model.global_step + 1)
+        step = self.model.step(graftable=graftable)
+        return self.executor.on_step(step, loss if loss_override is None else loss_override)
+
+    def until(
+        self, done: Callable[[StepOutcome], bool], *, max_steps: int = 5000, **kw: float
+    ) -> list[StepOutcome]:
+        """Train until ``done`` (the compile runs on its own thread; steps never wait)."""
+        outcomes = []
+        for _ in range(max_steps):
+            outcomes.append(self.step(**kw))
+            if done(outcomes[-1]):
+                return outcomes
+            time.sleep(0.001)
+        raise AssertionError(f"condition not reached in {max_steps} steps: {outcomes[-1]}")
+
+
+def _run(
+    library: ArtifactLibrary | None,
+    bus: InProcessBus | None = None,
+    **executor_options: object,
+) -> Run:
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    source = UrzaArtifactSource(library) if library is not None else None
+    model = esper.wrap(host, seeds_per_layer=2, kernel_source=source, blend_steps=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    options: dict[str, object] = {"evaluation_steps": 5, "compile_worker": library is not None}
+    options.update(executor_options)
+    executor = GrowthExecutor(
+        model, run_id="run-1", library=library, bus=bus, optimizer=optimizer, **options
+    )  # type: ignore[arg-type]
+    return Run(model, optimizer, executor, torch.randn(64, 8), torch.randint(0, 4, (64,)))
+
+
+def _germinate(layer: str = "0", *, step: int = 0, seed_idx: int = 0) -> AdaptationDecision:
+    return AdaptationDecision(
+        run_id="run-1",
+        step=step,
+        action=AdaptationAction.GERMINATE,
+        layer_name=layer,
+        seed_idx=seed_idx,
+        blueprint=MLP_H32,
+        policy="test",
+        confidence=1.0,
+        uncertainty=0.0,
+    )
+
+
+def _drain(bus: InProcessBus, topic: str, contract: type) -> list:  # type: ignore[type-arg]
+    subscription = bus.subscribe(topic, "test", "t")
+    deliveries = subscription.poll(100)
+    subscription.ack(*deliveries)
+    return [d.decode(contract) for d in deliveries]
+
+
+def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
+    library: ArtifactLibrary,
+) -> None:
+    bus = InProcessBus()
+    rewards = bus.subscribe(Topic.CONTROL_TAMIYO_REWARDS, "test", "t")
+    run = _run(library, bus)
+    decision = _germinate()
+    run.executor.submit(decision)
+
+    outcomes = run.until(lambda o: bool(o.grafted))
+    grafted_at = outcomes[-1].step
+    kernel = run.model.layer("0").kernel(0)
+    assert kernel is not None
+    before = [p.detach().clone() for p in kernel.parameters()]
+    outcomes += run.until(lambda o: bool(o.rewards))
+    run.executor.close()
+
+    assert outcomes[0].received == (decision,)
+    assert outcomes[-1].step == grafted_at + 3 + 5  # blend 3 steps, then 5 evaluation steps
+    assert run.model.seed_state("0", 0) is SeedState.FOSSILIZED
+    assert [g.get("esper_seed") for g in run.optimizer.param_groups] == [None, "0:0"]
+    after = list(kernel.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))  # it trained
+    report = outcomes[-1].rewards[0]
+    assert (report.decision_id, report.layer_name, report.outcome) == (
+        decision.decision_id,
+        "0",
+        AdaptationAction.FOSSILIZE,
+    )
+    published = [d.decode(RewardReport) for d in rewards.poll(10)]
+    assert published == [report]
+    assert run.executor.counters["germinated"] == 1 and run.executor.counters["fossilized"] == 1
+
+
+def test_a_decision_is_applied_once_however_often_it_arrives(library: ArtifactLibrary) -> None:
+    bus = InProcessBus()
+    run = _run(library, bus)
+    decision = _germinate()
+    bus.publish(Topic.CONTROL_KASMINA_COMMANDS, decision)
+    bus.publish(Topic.CONTROL_KASMINA_COMMANDS, decision)  # redelivered
+    run.executor.submit(decision, decision)
+
+    run.until(
+        lambda o: run.executor.counters["received"] + run.executor.counters["duplicates"] == 4
+    )
+    run.until(lambda o: bool(o.grafted))
+    bus.publish(Topic.CONTROL_KASMINA_COMMANDS, decision)  # late duplicate after the graft
+    run.until(lambda o: run.executor.counters["duplicates"] == 4)
+    run.executor.close()
+
+    assert run.executor.counters["received"] == 1 and run.executor.counters["germinated"] == 1
+    assert run.model.layer("0").seed_states[1] is SeedState.DORMANT  # not a second graft
+    assert sum(1 for g in run.optimizer.param_groups if g.get("esper_seed")) == 1
+    commands = bus.subscribe(Topic.CONTROL_KASMINA_COMMANDS, "tolaria-executor", "other")
+    assert commands.pending_count() == 0  # every delivery acknowledged
+
+
+def test_steps_never_wait_for_the_compile(library: ArtifactLibrary) -> None:
+    run = _run(library, compile_worker=False)  # no worker yet: the compile cannot finish
+    run.executor.submit(_germinate())
+
+    for _ in range(30):
+        outcome = run.step()
+        assert not outcome.grafted
+    assert run.executor.compiling() == 1
+    assert run.model.seed_state("0", 0) is SeedState.DORMANT  # nothing requested yet
+    worker = TezzeretWorker(library).start()
+    try:
+        run.until(lambda o: bool(o.grafted))
+    finally:
+        worker.stop()
+        run.executor.close()
+    assert run.model.seed_state("0", 0) is SeedState.BLENDING
+
+
+def test_a_loss_spike_rolls_the_graft_back(library: ArtifactLibrary) -> None:
+    bus = InProcessBus()
+    safety = SafetyGates(SafetyConfig(loss_spike_tolerance=0.25))
+    run = _run(library, bus, safety=safety)
+    run.executor.submit(_germinate())
+
+    run.until(lambda o: bool(o.grafted), loss_override=1.0)
+    outcomes = run.until(lambda o: bool(o.rewards), loss_override=2.0)  # mean 2.0 > 1.25
+    run.executor.close()
+
+    report, refusal = outcomes[-1].rewards[0], outcomes[-1].refusals[0]
+    assert report.outcome is AdaptationAction.CULL
+    assert refusal.gate == GATE_LOSS_SPIKE and refusal.action is AdaptationAction.FOSSILIZE
+    assert "1.0000 to 2.0000" in refusal.reason
+    assert run.model.seed_state("0", 0) is SeedState.DORMANT
+    assert [g.get("esper_seed") for g in run.optimizer.param_groups] == [None]  # group removed
+    assert _drain(bus, Topic.CONTROL_TAMIYO_REFUSALS, DecisionRefusal) == [refusal]
+    assert run.executor.counters["rolled_back"] == 1 and run.executor.counters["culled"] == 1
+
+
+def test_refusals_name_why_a_decision_could_not_be_applied(library: ArtifactLibrary) -> None:
+    bus = InProcessBus()
+    run = _run(library, bus)
+    run.model.layer("2").seed_state.transition(0, SeedState.LOADING, where="test")  # occupy "2"
+    run.model.layer("2").seed_state.transition(1, SeedState.LOADING, where="test")
+    decisions = [
+        _germinate("nope"),
+        _germinate("2"),
+        _germinate("0").model_copy(update={"action": AdaptationAction.FOSSILIZE}),
+    ]
+    run.executor.submit(*decisions)
+
+    outcome = run.step()
+    no_library = _run(None)
+    no_library.executor.submit(_germinate())
+    other = no_library.step()
+    run.executor.close()
+    no_library.executor.close()
+
+    assert [(r.layer_name, r.gate) for r in outcome.refusals] == [
+        ("nope", "unknown_layer"),
+        ("2", "seed_unavailable"),
+        ("0", "illegal_transition"),  # seed 0 of "0" is DORMANT: nothing to fossilize
+    ]
+    assert "DORMANT" in outcome.refusals[2].reason
+    assert [r.gate for r in other.refusals] == ["no_library"]
+    assert _drain(bus, Topic.CONTROL_TAMIYO_REFUSALS, DecisionRefusal) == list(outcome.refusals)
+
+
+def test_a_taken_seed_is_replaced_by_a_free_one(library: ArtifactLibrary) -> None:
+    run = _run(library, evaluation_steps=10_000)
+    run.executor.submit(_germinate(seed_idx=0), _germinate(seed_idx=0))  # two decisions, seed 0
+
+    run.until(lambda o: run.executor.counters["germinated"] == 2)
+    run.executor.close()
+
+    layer = run.model.layer("0")
+    assert all(state.runs_kernel for state in layer.seed_states)
+    assert layer.stats().kernel_ids[0] == layer.stats().kernel_ids[1] is not None
+
+
+def test_fossilize_and_cull_decisions_are_applied_directly(library: ArtifactLibrary) -> None:
+    run = _run(library, evaluation_steps=10_000)
+    run.executor.submit(_germinate("0"))
+    run.until(lambda o: bool(o.grafted))
+    run.executor.submit(_germinate("2"))  # its optimizer group comes after the one of "0"
+    run.until(
+        lambda o: (
+            run.model.layer("2").seed_states[0] is SeedState.ACTIVE
+            and run.model.layer("0").seed_states[0] is SeedState.ACTIVE
+        )
+    )
+    fossilize = _germinate("0").model_copy(
+        update={"action": AdaptationAction.FOSSILIZE, "blueprint": None}
+    )
+    cull = _germinate("2").model_copy(update={"action": AdaptationAction.CULL, "blueprint": None})
+    run.executor.submit(fossilize, cull)
+
+    outcome = run.step()
+    run.executor.close()
+
+    assert outcome.refusals == ()
+    assert run.model.seed_state("0", 0) is SeedState.FOSSILIZED
+    assert run.model.seed_state("2", 0) is SeedState.DORMANT
+    assert run.executor.in_flight() == {}  # neither graft is evaluated any more
+
+
+def test_deterministic_mode_grafts_exactly_graft_delay_steps_after_the_decision(
+    library: ArtifactLibrary,
+) -> None:
+    run = _run(library, graft_delay_steps=4)
+    for _ in range(5):
+        run.step()
+    run.executor.submit(_germinate(step=5))
+
+    states = {}
+    for _ in range(6):
+        outcome = run.step()
+        states[outcome.step] = run.model.seed_state("0", 0)
+    run.executor.close()
+
+    # compiling (DORMANT) or loaded and held back (LOADING) until the due boundary, however
+    # long the compile took; grafted exactly at the boundary of step 5 + 4
+    assert all(states[step] in (SeedState.DORMANT, SeedState.LOADING) for step in (6, 7, 8))
+    assert states[9] is SeedState.BLENDING and states[10] is SeedState.BLENDING
+    assert run.executor.counters["germinated"] == 1
+
+
+def test_state_dict_round_trips_and_a_resumed_run_grafts_at_the_same_step(
+    library: ArtifactLibrary,
+) -> None:
+    first = _run(library, graft_delay_steps=5)
+    for _ in range(3):
+        first.step()
+    first.executor.submit(_germinate(step=3))
+    first.step()  # step 4: the decision is taken in, the compile started
+    state = json.loads(json.dumps(first.executor.state_dict()))
+    model_state = first.model.state_dict()
+    first.executor.close()
+
+    resumed = _run(library, graft_delay_steps=5)
+    resumed.model.load_state_dict(model_state)
+    resumed.executor.load_state_dict(state)
+    grafted_at = resumed.until(lambda o: bool(o.grafted))[-1].step
+    resumed.executor.close()
+
+    assert state["records"][0]["stage"] in ("resolving", "loading")
+    assert grafted_at == 8  # 3 + 5, as in the uninterrupted run
+    assert resumed.executor.counters["received"] == 1
+
+
+def test_topology_and_progress_are_published_for_a_remote_controller(
+    library: ArtifactLibrary,
+) -> None:
+    bus = InProcessBus()
+    run = _run(library, bus, progress_every_steps=5, total_steps=100)
+    for _ in range(10):
+        run.step(loss_override=2.0)
+    run.executor.close()
+
+    topology = _drain(bus, TOPOLOGY_TOPIC, ModelTopology)
+    progress = _drain(bus, PROGRESS_TOPIC, TrainingProgress)
+    assert topology == [ModelTopology.from_model(run.model, run_id="run-1")]
+    assert [(p.step, p.loss, p.total_steps) for p in progress] == [(5, 2.0, 100), (10, 2.0, 100)]
+    assert progress[0].base_parameters == sum(p.numel() for p in run.model.base_parameters())

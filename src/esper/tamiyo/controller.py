@@ -31,6 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -630,7 +631,11 @@ def load_policy(spec: str, *, seed: int = 0) -> GrowthPolicy:
 
     if spec in BASELINE_NAMES:
         return make_baseline(spec, seed=seed)
-    raise ConfigurationError(
-        f"unknown policy {spec!r}: use one of {', '.join(BASELINE_NAMES)}, or the path of a "
-        "trained policy"
-    )
+    if not Path(spec).is_file():
+        raise ConfigurationError(
+            f"unknown policy {spec!r}: use one of {', '.join(BASELINE_NAMES)}, or the path of a "
+            "trained policy file (written by GNNPolicy.save)"
+        )
+    from esper.tamiyo.policy import load_gnn_policy  # imports torch_geometric
+
+    return load_gnn_policy(spec, sample_seed=seed)

@@ -397,3 +397,23 @@ def test_load_policy_and_errors() -> None:
         load_policy("/no/such/policy")
     with pytest.raises(ConfigurationError, match="structure"):
         TamiyoController(None, BottleneckPolicy(), run_id="r").decide(0)
+
+
+def test_a_saved_gnn_policy_loads_by_path_and_decides_within_the_mask(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from esper.tamiyo.policy import GNNPolicy
+
+    path = GNNPolicy().save(tmp_path / "policy.safetensors")
+    policy = load_policy(str(path))
+    bus = open_bus("memory://")
+    safety = SafetyGates(SafetyConfig(max_parameter_fraction=10.0, cooldown_steps=1000))
+    controller = TamiyoController(bus, policy, run_id="r", model=_model(), safety=safety)
+    controller.observe_telemetry(_signals(10, {"2": math.exp(3.0)}))
+
+    results = [controller.decide(step) for step in (10, 20, 30, 40)]
+
+    assert policy.name == "gnn"
+    for result in results:
+        assert bool(result.graph.action_mask()[result.output.action.index()])
+        assert result.refusal is None
+    decided = [r.decision.layer_name for r in results if r.decision is not None]
+    assert len(decided) == len(set(decided))  # the cooldown masks a layer once it grew

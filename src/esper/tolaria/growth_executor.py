@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -63,6 +64,7 @@ from esper.core import MorphableModel
 from esper.errors import ConfigurationError, EsperError
 from esper.oona import BackgroundPublisher, BusUnavailableError, Delivery, MessageBus
 from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, ModelTopology, TrainingProgress
+from esper.tamiyo.reward import AdaptationOutcome, RewardWeights, compute_reward
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyGates
 from esper.tezzeret import TezzeretWorker, find_or_enqueue
 from esper.urza import ArtifactLibrary
@@ -100,6 +102,8 @@ class _Germination:
     losses_before: list[Loss] = field(default_factory=list)
     losses_after: list[Loss] = field(default_factory=list)
     metrics_before: dict[str, float] = field(default_factory=dict)
+    step_times_before: list[float] = field(default_factory=list)
+    step_times_after: list[float] = field(default_factory=list)
     rollback: DecisionRefusal | None = None
 
 
@@ -143,7 +147,10 @@ class GrowthExecutor:
         evaluation_steps: steps after a seed becomes ACTIVE before it is judged; also the number
             of steps before the graft whose losses form the baseline.
         evaluate: optional validation hook run on the training thread at graft time and at the
-            end of the window, returning e.g. ``{"loss": ..., "accuracy": ...}``.
+            end of the window, returning ``{"loss": ..., "accuracy": ...}`` (accuracy optional).
+        reward_weights: weights of the reward components (:class:`RewardWeights` defaults).
+        measure_step_time: time the intervals between ``on_step`` calls for the reward's
+            ``compute_cost`` (wall time: turn it off where rewards must repeat exactly).
         graft_delay_steps: deterministic mode (see the module docstring); ``None``: graft as soon
             as the kernel is loaded.
         kernel_timeout_s: longest wait for a compile (and, in deterministic mode, a load).
@@ -167,6 +174,8 @@ class GrowthExecutor:
         safety: SafetyGates | None = None,
         evaluation_steps: int = 100,
         evaluate: Callable[[], Mapping[str, float]] | None = None,
+        reward_weights: RewardWeights | None = None,
+        measure_step_time: bool = True,
         graft_delay_steps: int | None = None,
         kernel_timeout_s: float = 300.0,
         total_steps: int | None = None,
@@ -193,6 +202,8 @@ class GrowthExecutor:
         self.safety = safety or SafetyGates()
         self.evaluation_steps = evaluation_steps
         self.evaluate = evaluate
+        self.reward_weights = reward_weights or RewardWeights()
+        self.measure_step_time = measure_step_time
         self.graft_delay_steps = graft_delay_steps
         self.kernel_timeout_s = kernel_timeout_s
         self.total_steps = total_steps
@@ -205,6 +216,8 @@ class GrowthExecutor:
         self._max_remembered = 100_000
         self._recent_losses: deque[Loss] = deque(maxlen=evaluation_steps)
         self._progress_losses: list[Loss] = []
+        self._step_times: deque[float] = deque(maxlen=evaluation_steps)
+        self._last_step_at: float | None = None
         self._submitted: deque[AdaptationDecision] = deque()
         self._deferred: list[DecisionRefusal] = []
         self._lock = threading.Lock()
@@ -268,6 +281,7 @@ class GrowthExecutor:
         grafted: list[tuple[str, int]] = []
         rewards: list[RewardReport] = []
         refusals: list[DecisionRefusal] = []
+        interval = self._time_step()
         if loss is not None:
             loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
             self._recent_losses.append(loss)
@@ -280,7 +294,7 @@ class GrowthExecutor:
             if refusal is not None:
                 refusals.append(refusal)
         for decision_id, record in list(self._records.items()):
-            outcome = self._advance(record, step, loss)
+            outcome = self._advance(record, step, loss, interval)
             if isinstance(outcome, DecisionRefusal):
                 refusals.append(outcome)
                 del self._records[decision_id]
@@ -421,8 +435,19 @@ class GrowthExecutor:
         record.stage = _Stage.LOADING
         return None
 
+    def _time_step(self) -> float | None:
+        """Wall time since the previous ``on_step`` (``None`` when not measured)."""
+        if not self.measure_step_time:
+            return None
+        now = time.perf_counter()
+        interval = None if self._last_step_at is None else now - self._last_step_at
+        self._last_step_at = now
+        if interval is not None:
+            self._step_times.append(interval)
+        return interval
+
     def _advance(
-        self, record: _Germination, step: int, loss: Loss | None
+        self, record: _Germination, step: int, loss: Loss | None, interval: float | None = None
     ) -> DecisionRefusal | RewardReport | str | None:
         """Move one germination along as far as the current state allows (never waits)."""
         if record.stage == _Stage.RESOLVING:
@@ -444,6 +469,7 @@ class GrowthExecutor:
             record.grafted_step = step
             # every loss so far, this step's included, was computed before the graft
             record.losses_before = list(self._recent_losses)
+            record.step_times_before = list(self._step_times)
             record.metrics_before = dict(self.evaluate()) if self.evaluate else {}
             self.counters["germinated"] += 1
             return _GRAFTED
@@ -458,6 +484,8 @@ class GrowthExecutor:
         if record.stage == _Stage.EVALUATING:
             if loss is not None:
                 record.losses_after.append(loss)
+            if interval is not None:
+                record.step_times_after.append(interval)
             assert record.active_step is not None
             if step - record.active_step >= self.evaluation_steps:
                 return self._finish(record, step)
@@ -512,23 +540,40 @@ class GrowthExecutor:
         *,
         rolled_back: bool,
     ) -> RewardReport:
-        # INTERIM until esper.tamiyo.reward lands: loss improvement and the rollback penalty only.
-        mean_before = sum(before) / len(before) if before else 0.0
-        finite_after = [x for x in after if math.isfinite(x)]
-        mean_after = sum(finite_after) / len(finite_after) if finite_after else mean_before
-        components = {
-            "loss_improvement": (mean_before - mean_after) / max(abs(mean_before), 1e-8),
-            "safety": -self.safety.config.rollback_penalty if rolled_back else 0.0,
-        }
-        weights = dict.fromkeys(components, 1.0)
-        return RewardReport(
+        """The graft's multi-metric reward (:mod:`esper.tamiyo.reward`) as a report.
+
+        Validation loss and accuracy come from the ``evaluate`` hook (keys ``loss`` and
+        ``accuracy``); without one, the mean training losses of the two windows stand in for
+        the validation losses and accuracy is not measured. Step times are the median wall time
+        between ``on_step`` calls in each window (when ``measure_step_time``).
+        """
+        loss_before = record.metrics_before.get("loss", _mean_finite(before))
+        loss_after = metrics_after.get("loss", _mean_finite(after))
+        if loss_before is None or not math.isfinite(loss_before):
+            loss_before = loss_after if loss_after is not None else 0.0  # nothing measured
+        slot = self.model.layer(record.decision.layer_name).seed_state.slots[record.seed_idx]
+        outcome = AdaptationOutcome(
+            val_loss_before=loss_before,
+            val_loss_after=loss_after if loss_after is not None else math.inf,
+            base_parameters=max(1, self._base_parameters),
+            added_parameters=0
+            if rolled_back or record.kernel is None
+            else record.kernel.parameter_count,
+            accuracy_before=record.metrics_before.get("accuracy"),
+            accuracy_after=metrics_after.get("accuracy"),
+            step_time_before=_median(record.step_times_before),
+            step_time_after=_median(record.step_times_after),
+            train_losses_before=before,
+            train_losses_after=after,
+            faults=slot.error_count,
+            rolled_back=rolled_back,
+        )
+        reward = compute_reward(outcome, self.reward_weights)
+        return reward.to_report(
             run_id=self.run_id,
             decision_id=record.decision.decision_id,
             layer_name=record.decision.layer_name,
             step=step,
-            components=components,
-            weights=weights,
-            total=sum(weights[k] * v for k, v in components.items()),
             outcome=AdaptationAction.CULL if rolled_back else AdaptationAction.FOSSILIZE,
         )
 
@@ -656,6 +701,8 @@ class GrowthExecutor:
                 losses_before=[float(x) for x in saved["losses_before"]],
                 losses_after=[float(x) for x in saved["losses_after"]],
                 metrics_before={str(k): float(v) for k, v in saved["metrics_before"].items()},
+                step_times_before=[float(x) for x in saved["step_times_before"]],
+                step_times_after=[float(x) for x in saved["step_times_after"]],
             )
             if record.stage in (_Stage.RESOLVING, _Stage.LOADING):
                 assert record.decision.blueprint is not None
@@ -682,7 +729,19 @@ def _record_state(record: _Germination) -> dict[str, Any]:
         "losses_before": _materialize(record.losses_before),
         "losses_after": _materialize(record.losses_after),
         "metrics_before": dict(record.metrics_before),
+        "step_times_before": list(record.step_times_before),
+        "step_times_after": list(record.step_times_after),
     }
+
+
+def _mean_finite(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _median(values: list[float]) -> float:
+    """Median of ``values`` (0 when empty: not measured)."""
+    return float(statistics.median(values)) if values else 0.0
 
 
 def _materialize(losses: list[Loss]) -> list[float]:

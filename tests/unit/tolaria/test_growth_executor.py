@@ -27,6 +27,7 @@ from esper.core import MorphableModel
 from esper.oona import InProcessBus
 from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, ModelTopology, TrainingProgress
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
+from esper.tamiyo.reward import REWARD_COMPONENTS, AdaptationOutcome, reward_components
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyConfig, SafetyGates
 from esper.tezzeret import TezzeretWorker
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
@@ -120,7 +121,21 @@ def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
 ) -> None:
     bus = InProcessBus()
     rewards = bus.subscribe(Topic.CONTROL_TAMIYO_REWARDS, "test", "t")
-    run = _run(library, bus)
+    validation: list[dict[str, float]] = []
+    x_val, y_val = torch.randn(32, 8), torch.randint(0, 4, (32,))
+
+    def evaluate() -> dict[str, float]:
+        with torch.no_grad():
+            logits = run.model(x_val)
+        validation.append(
+            {
+                "loss": float(nn.functional.cross_entropy(logits, y_val)),
+                "accuracy": float((logits.argmax(1) == y_val).float().mean()),
+            }
+        )
+        return validation[-1]
+
+    run = _run(library, bus, evaluate=evaluate)
     decision = _germinate()
     run.executor.submit(decision)
 
@@ -146,6 +161,27 @@ def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
     )
     published = [d.decode(RewardReport) for d in rewards.poll(10)]
     assert published == [report]
+    assert len(validation) == 2  # at the graft and at the end of the window
+    before, after = validation
+    kernel_params = sum(p.numel() for p in kernel.parameters())
+    base_params = sum(p.numel() for p in run.model.base_parameters())
+    assert set(report.components) == set(REWARD_COMPONENTS)
+    fed = reward_components(  # what the executor must have measured and passed on
+        AdaptationOutcome(
+            val_loss_before=before["loss"],
+            val_loss_after=after["loss"],
+            base_parameters=base_params,
+            added_parameters=kernel_params,
+            accuracy_before=before["accuracy"],
+            accuracy_after=after["accuracy"],
+        )
+    )
+    for name in ("loss_improvement", "accuracy_improvement", "parameter_efficiency", "memory_cost"):
+        assert report.components[name] == pytest.approx(fed[name]), name
+    assert report.components["safety"] == 0.0
+    assert report.total == pytest.approx(
+        sum(report.weights[k] * v for k, v in report.components.items())
+    )
     assert run.executor.counters["germinated"] == 1 and run.executor.counters["fossilized"] == 1
 
 
@@ -193,7 +229,7 @@ def test_steps_never_wait_for_the_compile(library: ArtifactLibrary) -> None:
 def test_a_loss_spike_rolls_the_graft_back(library: ArtifactLibrary) -> None:
     bus = InProcessBus()
     safety = SafetyGates(SafetyConfig(loss_spike_tolerance=0.25))
-    run = _run(library, bus, safety=safety)
+    run = _run(library, bus, safety=safety, measure_step_time=False)
     run.executor.submit(_germinate())
 
     run.until(lambda o: bool(o.grafted), loss_override=1.0)
@@ -208,6 +244,21 @@ def test_a_loss_spike_rolls_the_graft_back(library: ArtifactLibrary) -> None:
     assert [g.get("esper_seed") for g in run.optimizer.param_groups] == [None]  # group removed
     assert _drain(bus, Topic.CONTROL_TAMIYO_REFUSALS, DecisionRefusal) == [refusal]
     assert run.executor.counters["rolled_back"] == 1 and run.executor.counters["culled"] == 1
+    # no evaluate hook: the training-loss windows stand in for validation (1.0 -> 2.0); culled:
+    # nothing added; step time not measured
+    expected = reward_components(
+        AdaptationOutcome(
+            val_loss_before=1.0,
+            val_loss_after=2.0,
+            base_parameters=sum(p.numel() for p in run.model.base_parameters()),
+            added_parameters=0,
+            train_losses_before=[1.0] * 5,
+            train_losses_after=[2.0] * 5,
+            rolled_back=True,
+        )
+    )
+    assert report.components == pytest.approx(expected)
+    assert report.components["safety"] == -1.0 and report.components["stability"] < 0
 
 
 def test_refusals_name_why_a_decision_could_not_be_applied(library: ArtifactLibrary) -> None:

@@ -83,6 +83,51 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tamiyo_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from esper.oona import open_bus
+    from esper.tamiyo import SafetyConfig, SafetyGates, TamiyoController, load_policy
+
+    safety = SafetyGates(
+        SafetyConfig(
+            cooldown_steps=args.cooldown_steps,
+            window_steps=args.window_steps,
+            max_adaptations=args.max_adaptations,
+            min_confidence=args.min_confidence,
+            max_uncertainty=args.max_uncertainty,
+            max_parameter_fraction=args.max_parameter_fraction,
+        )
+    )
+    policy = load_policy(args.policy, seed=args.seed)
+    bus = open_bus(args.bus)
+    controller = TamiyoController(
+        bus,
+        policy,
+        run_id=args.run_id,
+        safety=safety,
+        total_steps=args.total_steps,
+        decide_every_steps=args.decide_every,
+        cycle_s=args.cycle_ms / 1e3,
+        explore=args.explore,
+    )
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop cleanly under a process manager too
+    console.print(
+        f"Tamiyo controller for run {args.run_id!r} with policy {policy.name!r} on {args.bus} "
+        "(Ctrl-C stops it)"
+    )
+    try:
+        controller.serve(duration_s=args.duration)
+    finally:
+        bus.close()
+    console.print(f"decided {controller.adaptations} germinations: {dict(controller.counters)}")
+    return 0
+
+
 def _open_library(args: argparse.Namespace) -> ArtifactLibrary:
     from esper.urza import open_library
 
@@ -244,6 +289,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--germinate-at", type=int, default=20, help="epoch of germination")
     demo.add_argument("--hidden", type=int, default=8, help="hidden width of the host MLP")
     demo.set_defaults(handler=_demo)
+
+    tamiyo = commands.add_parser("tamiyo", help="the growth controller").add_subparsers(
+        dest="tamiyo_command", required=True
+    )
+    serve_tamiyo = tamiyo.add_parser(
+        "serve", help="decide growth for a training run from its telemetry on the bus"
+    )
+    serve_tamiyo.add_argument("--bus", required=True, help="redis://host:port/db?stream_prefix=…")
+    serve_tamiyo.add_argument(
+        "--policy", default="bottleneck", help="random, round_robin, bottleneck, or a policy file"
+    )
+    serve_tamiyo.add_argument("--run-id", required=True, help="the training run to serve")
+    serve_tamiyo.add_argument("--seed", type=int, default=0, help="seed of a sampling policy")
+    serve_tamiyo.add_argument("--explore", action="store_true", help="sample actions")
+    serve_tamiyo.add_argument("--total-steps", type=int, default=None)
+    serve_tamiyo.add_argument("--decide-every", type=int, default=1, help="telemetry steps")
+    serve_tamiyo.add_argument("--cycle-ms", type=float, default=100.0)
+    serve_tamiyo.add_argument("--cooldown-steps", type=int, default=100)
+    serve_tamiyo.add_argument("--window-steps", type=int, default=500)
+    serve_tamiyo.add_argument("--max-adaptations", type=int, default=4, help="per window")
+    serve_tamiyo.add_argument("--min-confidence", type=float, default=0.0)
+    serve_tamiyo.add_argument("--max-uncertainty", type=float, default=None)
+    serve_tamiyo.add_argument("--max-parameter-fraction", type=float, default=0.5)
+    serve_tamiyo.add_argument("--duration", type=float, default=None, help="seconds, then stop")
+    serve_tamiyo.set_defaults(handler=_tamiyo_serve)
 
     urza = commands.add_parser("urza", help="the artifact library").add_subparsers(
         dest="urza_command", required=True

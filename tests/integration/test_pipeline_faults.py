@@ -36,7 +36,7 @@ def _train_step(model: esper.MorphableModel, optimizer: torch.optim.Optimizer) -
     loss.backward()
     optimizer.step()
     model.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def test_unreachable_urza_fails_the_load_clearly_and_training_continues() -> None:

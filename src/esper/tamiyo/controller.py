@@ -223,6 +223,7 @@ class TamiyoController:
         self._losses: deque[float] = deque(maxlen=20)
         self._last_decision_step: int | None = None
         self._committed: dict[str, tuple[str, int, int]] = {}
+        self._reserved: dict[str, tuple[str, int, int]] = {}
         self._kernel_sizes: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -304,6 +305,7 @@ class TamiyoController:
 
     def _observe_reward(self, report: RewardReport) -> None:
         self.counters["rewards"] += 1
+        self._reserved.pop(report.decision_id, None)
         if report.outcome is AdaptationAction.CULL:
             self._committed.pop(report.decision_id, None)
             self.safety.record_rollback(report.step, report.layer_name)
@@ -315,6 +317,7 @@ class TamiyoController:
         for decision_id, (layer, step, _) in list(self._committed.items()):
             if (layer, step) == (refusal.layer_name, refusal.step):
                 del self._committed[decision_id]
+                self._reserved.pop(decision_id, None)
                 self.counters["failed_on_training_side"] += 1
                 break
 
@@ -460,6 +463,7 @@ class TamiyoController:
         )
         self.safety.record_adaptation(step, layer)
         self._committed[decision.decision_id] = (layer, step, proposal.added_parameters)
+        self._reserved[decision.decision_id] = (layer, seed_idx, step)
         self.adaptations += 1
         self.counters["decisions"] += 1
         logger.info("decided %s on %r seed %d at step %d", option.name, layer, seed_idx, step)
@@ -482,9 +486,29 @@ class TamiyoController:
         self._targets = targets
 
     def _seed_states(self) -> dict[str, tuple[SeedState, ...]]:
+        """Seed states, with the seeds of decisions not yet applied counted as taken.
+
+        A germination leaves its seed DORMANT until the training side has the kernel; until the
+        seed is seen in use (in the model, or in telemetry newer than the decision) it stays
+        reserved, so two decisions never target one seed.
+        """
         if self.model is not None:
-            return {name: self.model.layer(name).seed_states for name in self.model.layer_names}
-        return self.collector.seed_states()
+            states = {n: self.model.layer(n).seed_states for n in self.model.layer_names}
+            seen_at: dict[str, int] | None = None
+        else:
+            states = self.collector.seed_states()
+            seen_at = self.collector.layer_steps()
+        for decision_id, (layer, seed_idx, step) in list(self._reserved.items()):
+            current = list(states.get(layer, ()))
+            if seed_idx >= len(current):
+                continue
+            fresh = seen_at is None or seen_at.get(layer, -1) > step
+            if current[seed_idx] is not SeedState.DORMANT and fresh:
+                del self._reserved[decision_id]  # applied: telemetry shows it from now on
+            elif current[seed_idx] is SeedState.DORMANT:
+                current[seed_idx] = SeedState.LOADING
+                states[layer] = tuple(current)
+        return states
 
     def _observed_kernel_parameters(self) -> int:
         if self.model is not None:
@@ -581,6 +605,7 @@ class TamiyoController:
                 "counters": dict(self.counters),
                 "last_decision_step": self._last_decision_step,
                 "committed": {k: list(v) for k, v in self._committed.items()},
+                "reserved": {k: list(v) for k, v in self._reserved.items()},
                 "losses": list(self._losses),
                 "total_steps": self.total_steps,
                 "progress": self._progress.model_dump(mode="json") if self._progress else None,
@@ -600,6 +625,9 @@ class TamiyoController:
             self._last_decision_step = state["last_decision_step"]
             self._committed = {
                 k: (str(v[0]), int(v[1]), int(v[2])) for k, v in state["committed"].items()
+            }
+            self._reserved = {
+                k: (str(v[0]), int(v[1]), int(v[2])) for k, v in state["reserved"].items()
             }
             self._losses = deque((float(x) for x in state["losses"]), maxlen=self._losses.maxlen)
             self.total_steps = state["total_steps"]

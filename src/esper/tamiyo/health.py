@@ -284,6 +284,11 @@ class HealthCollector:
         with self._lock:
             return {name: layer.seed_states for name, layer in self._layers.items()}
 
+    def layer_steps(self) -> dict[str, int]:
+        """The step of each layer's newest signal."""
+        with self._lock:
+            return {name: layer.last_step for name, layer in self._layers.items()}
+
     def take_alerts(self) -> list[str]:
         """Layers that turned anomalous since the last call (throttled), most severe first."""
         with self._lock:

@@ -417,3 +417,39 @@ def test_a_saved_gnn_policy_loads_by_path_and_decides_within_the_mask(tmp_path) 
         assert result.refusal is None
     decided = [r.decision.layer_name for r in results if r.decision is not None]
     assert len(decided) == len(set(decided))  # the cooldown masks a layer once it grew
+
+
+def test_decided_seeds_stay_reserved_until_the_training_side_uses_them() -> None:
+    model = _model()
+    safety = SafetyGates(
+        SafetyConfig(cooldown_steps=0, max_adaptations=10, max_parameter_fraction=10.0)
+    )
+    controller = TamiyoController(None, BottleneckPolicy(), run_id="r", model=model, safety=safety)
+    controller.observe_telemetry(_signals(10, {"2": math.exp(6.0)}))
+
+    first, second, third = (controller.decide(step) for step in (10, 11, 12))
+
+    assert first.decision is not None and second.decision is not None
+    assert [(d.layer_name, d.seed_idx) for d in (first.decision, second.decision)] == [
+        ("2", 0),
+        ("2", 1),  # seed 0 is still DORMANT in the model, but reserved
+    ]
+    assert third.decision is not None and third.decision.layer_name != "2"  # "2" has none left
+    assert not third.graph.germinate_mask[LAYERS.index("2")].any()
+    # the training side culls the first graft: its seed is free again
+    controller.observe(
+        RewardReport(
+            run_id="r",
+            decision_id=first.decision.decision_id,
+            layer_name="2",
+            step=50,
+            components={},
+            weights={},
+            total=0.0,
+            outcome=AdaptationAction.CULL,
+        )
+    )
+    assert controller.state_dict()["reserved"].keys() == {
+        second.decision.decision_id,
+        third.decision.decision_id,
+    }

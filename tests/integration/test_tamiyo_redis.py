@@ -1,0 +1,193 @@
+"""Autonomous growth over real Redis: a training run and ``esper tamiyo serve`` in another process.
+
+The training side (this process) trains a small MLP on digits with an embedded Urza (SQLite +
+folder) and a Tezzeret worker thread, publishes its topology, progress and health on Redis Streams
+(a unique stream prefix), and applies decisions through a :class:`GrowthExecutor`. The controller
+runs as a separate process (``esper tamiyo serve --policy bottleneck``) that knows the model only
+from the bus. A third party subscribes to the control topics and must see the decisions, the
+refusals (each naming its gate) and the rewards; the model must have grafted a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+from torch import nn
+
+import esper
+from esper.contracts import (
+    AdaptationAction,
+    AdaptationDecision,
+    DecisionRefusal,
+    RewardReport,
+    Topic,
+)
+from esper.oona import MessageBus, OonaTelemetrySink, open_bus
+from esper.tamiyo.safety import GATE_PARAMETER_BUDGET, GATES, SafetyConfig, SafetyGates
+from esper.tolaria.datasets import load_digits_split
+from esper.tolaria.growth_executor import GrowthExecutor
+from esper.urza import UrzaArtifactSource, open_library
+
+pytestmark = pytest.mark.services
+
+RUN_ID = "tamiyo-redis-e2e"
+
+
+@pytest.fixture
+def bus_url(redis_url: str) -> Iterator[str]:
+    prefix = f"esper-tamiyo-{uuid.uuid4().hex[:8]}"
+    yield f"{redis_url}?stream_prefix={prefix}"
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+    client.close()
+
+
+def _collect(subscriptions: dict[str, object], seen: dict[str, list[object]]) -> None:
+    contracts = {
+        Topic.CONTROL_KASMINA_COMMANDS: AdaptationDecision,
+        Topic.CONTROL_TAMIYO_REFUSALS: DecisionRefusal,
+        Topic.CONTROL_TAMIYO_REWARDS: RewardReport,
+    }
+    for topic, subscription in subscriptions.items():
+        deliveries = subscription.poll(100)  # type: ignore[attr-defined]
+        if deliveries:
+            subscription.ack(*deliveries)  # type: ignore[attr-defined]
+        seen[topic] += [d.decode(contracts[topic]) for d in deliveries]  # type: ignore[index]
+
+
+def test_controller_process_grows_a_training_run_over_redis(bus_url: str, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    data = load_digits_split(seed=0)
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    base = sum(p.numel() for p in host.parameters())  # 1210
+    library = open_library(
+        metadata_url=f"sqlite:///{tmp_path}/urza.sqlite3", blob_url=f"file://{tmp_path}/blobs"
+    )
+    observer_bus = open_bus(bus_url)
+    observed = {
+        topic: observer_bus.subscribe(topic, "observer", "o", start="earliest")
+        for topic in (
+            Topic.CONTROL_KASMINA_COMMANDS,
+            Topic.CONTROL_TAMIYO_REFUSALS,
+            Topic.CONTROL_TAMIYO_REWARDS,
+        )
+    }
+    seen: dict[str, list[object]] = {topic: [] for topic in observed}
+    training_bus: MessageBus = open_bus(bus_url)
+    sink = OonaTelemetrySink(training_bus, run_id=RUN_ID)
+    model = esper.wrap(
+        host,
+        seeds_per_layer=2,
+        kernel_source=UrzaArtifactSource(library),
+        telemetry_sink=sink,
+        blend_steps=10,
+        health_every=5,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def evaluate() -> dict[str, float]:
+        with torch.no_grad():
+            logits = model(data.x_test)
+        return {
+            "loss": float(nn.functional.cross_entropy(logits, data.y_test)),
+            "accuracy": float((logits.argmax(1) == data.y_test).float().mean()),
+        }
+
+    executor = GrowthExecutor(
+        model,
+        run_id=RUN_ID,
+        library=library,
+        bus=training_bus,
+        optimizer=optimizer,
+        compile_worker=True,
+        safety=SafetyGates(SafetyConfig(loss_spike_tolerance=0.5)),
+        evaluation_steps=30,
+        evaluate=evaluate,
+        progress_every_steps=10,
+    )
+    # mlp_h32 adds 2608 parameters on layer "0" (64 -> 16) and 874 on layer "2" (16 -> 10):
+    # a budget of 2.5 x 1210 = 3025 fits either kernel, not both, so the second is refused.
+    command = [sys.executable, "-m", "esper.cli", "--log-level", "INFO", "tamiyo", "serve"]
+    command += ["--bus", bus_url, "--policy", "bottleneck", "--run-id", RUN_ID]
+    command += ["--cooldown-steps", "40", "--max-parameter-fraction", "2.5", "--cycle-ms", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    controller = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    grafted: list[tuple[str, int]] = []
+    rewards: list[RewardReport] = []
+    try:
+        generator = torch.Generator().manual_seed(0)
+        deadline = time.monotonic() + 120.0
+        step = 0
+        while time.monotonic() < deadline:
+            order = torch.randperm(len(data.x_train), generator=generator)
+            for start in range(0, len(order), 64):
+                batch = order[start : start + 64]
+                loss = nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step = model.step()
+                outcome = executor.on_step(step, loss)
+                grafted += outcome.grafted
+                rewards += outcome.rewards
+                if step % 10 == 0:
+                    model.collect_telemetry()  # -> the sink -> telemetry.health on Redis
+                time.sleep(0.004)  # a step of a real model takes a few milliseconds
+            _collect(observed, seen)
+            refused_by_gate = [r for r in seen[Topic.CONTROL_TAMIYO_REFUSALS] if r.gate in GATES]  # type: ignore[attr-defined]
+            if seen[Topic.CONTROL_TAMIYO_REWARDS] and refused_by_gate:
+                break
+        assert controller.poll() is None, controller.communicate()[0]
+    finally:
+        if controller.poll() is None:
+            controller.send_signal(signal.SIGTERM)
+        output = controller.communicate(timeout=30)[0]
+        executor.close()
+        sink.close()
+        training_bus.close()
+        library.close()
+    _collect(observed, seen)
+    observer_bus.close()
+
+    decisions: list[AdaptationDecision] = seen[Topic.CONTROL_KASMINA_COMMANDS]  # type: ignore[assignment]
+    refusals: list[DecisionRefusal] = seen[Topic.CONTROL_TAMIYO_REFUSALS]  # type: ignore[assignment]
+    published_rewards: list[RewardReport] = seen[Topic.CONTROL_TAMIYO_REWARDS]  # type: ignore[assignment]
+    assert controller.returncode == 0, output
+    assert "decided" in output and "germinations" in output, output
+    # decisions: from the controller process, bottleneck policy, for this run, applied here
+    assert decisions and all(d.policy == "bottleneck" and d.run_id == RUN_ID for d in decisions)
+    assert all(d.action is AdaptationAction.GERMINATE for d in decisions)
+    assert executor.counters["received"] == len(decisions)
+    assert executor.counters["duplicates"] == 0
+    # the model grew: a kernel was grafted where a decision asked
+    assert grafted and grafted[0] in {(d.layer_name, d.seed_idx) for d in decisions}
+    assert executor.counters["germinated"] >= 1
+    # refusals name their gate; the budget gate refused the kernel that did not fit
+    assert refusals and all(r.gate for r in refusals)
+    budget = [r for r in refusals if r.gate == GATE_PARAMETER_BUDGET]
+    assert budget and all(r.policy == "bottleneck" for r in budget), refusals
+    # rewards: the executor's evaluation reached the bus with its outcome
+    assert published_rewards and published_rewards[0] == rewards[0]
+    first = published_rewards[0]
+    assert first.decision_id in {d.decision_id for d in decisions}
+    assert first.outcome in (AdaptationAction.FOSSILIZE, AdaptationAction.CULL)
+    assert len(first.components) == 7
+    layer_state = model.seed_state(first.layer_name, grafted[0][1])
+    assert layer_state.name == (
+        "FOSSILIZED" if first.outcome is AdaptationAction.FOSSILIZE else "DORMANT"
+    )
+    assert base == 1210

@@ -23,9 +23,12 @@ whose ``gate`` says why: ``unknown_layer``, ``seed_unavailable``, ``no_library``
 
 **Deterministic mode** (``graft_delay_steps``): a germination is grafted exactly
 ``graft_delay_steps`` after its decision's step. The training loop passes
-:meth:`GrowthExecutor.graftable` to ``model.step(graftable=...)``; at the due boundary that call
-waits for the compile and load if they have not finished (counted in ``counters["stall_ms"]``),
-and loads that are not due are held back. Resumed runs then repeat uninterrupted ones.
+:meth:`GrowthExecutor.graftable` to ``model.step(graftable=...)``. Before the due boundary nothing
+visible happens (the kernel is compiled and prefetched into the kernel cache in the background; the
+seed stays DORMANT, and a failed compile is reported at the due boundary); at the due boundary the
+seed is loaded from the cache and grafted, the call waiting for the compile and the load if they
+have not finished (counted in ``counters["stall_ms"]``). Growth events are then a function of
+the step alone, so resumed runs repeat uninterrupted ones.
 
 The executor also publishes, through a :class:`~esper.oona.BackgroundPublisher` (never blocking),
 the model's :class:`~esper.tamiyo.controller.ModelTopology` once and
@@ -80,6 +83,7 @@ _GRAFTED = "grafted"
 
 class _Stage:
     RESOLVING = "resolving"  # looking up / compiling the kernel (background)
+    RESOLVED = "resolved"  # deterministic mode: kernel known and prefetched, waiting to be due
     LOADING = "loading"  # model.request_kernel issued; grafted at a step boundary
     BLENDING = "blending"
     EVALUATING = "evaluating"  # ACTIVE; counting evaluation_steps
@@ -97,6 +101,7 @@ class _Germination:
     kernel: KernelMetadata | None = None
     resolving: Future[KernelMetadata] | None = None
     loading: Future[Any] | None = None
+    prefetch: Future[Any] | None = None
     grafted_step: int | None = None
     active_step: int | None = None
     losses_before: list[Loss] = field(default_factory=list)
@@ -327,8 +332,10 @@ class GrowthExecutor:
         for decision_id, record in list(self._records.items()):
             if record.due_step is None or record.due_step > step:
                 continue
-            if record.stage == _Stage.RESOLVING:
+            if record.stage in (_Stage.RESOLVING, _Stage.RESOLVED):
                 self._wait(record.resolving)
+                self._prefetch(record)
+                self._wait(record.prefetch)
                 refusal = self._start_load(record, step - 1)
                 if refusal is not None:
                     self._deferred.append(refusal)
@@ -415,6 +422,17 @@ class GrowthExecutor:
             self._closing.wait(0.05)
         raise EsperError("the executor was closed while waiting for a compile")
 
+    def _prefetch(self, record: _Germination) -> None:
+        """Deterministic mode: load the resolved kernel into the cache without touching the seed
+        (its state changes only at the due boundary), so the graft then finds it ready."""
+        if record.stage != _Stage.RESOLVING or record.resolving is None:
+            return
+        if not record.resolving.done() or record.resolving.exception() is not None:
+            return  # a failure is reported at the due boundary, by _start_load
+        record.kernel = record.resolving.result()
+        record.prefetch = self.model.kernel_cache.get(record.kernel.kernel_id)
+        record.stage = _Stage.RESOLVED
+
     def _start_load(self, record: _Germination, step: int) -> DecisionRefusal | None:
         assert record.resolving is not None
         try:
@@ -450,9 +468,14 @@ class GrowthExecutor:
         self, record: _Germination, step: int, loss: Loss | None, interval: float | None = None
     ) -> DecisionRefusal | RewardReport | str | None:
         """Move one germination along as far as the current state allows (never waits)."""
-        if record.stage == _Stage.RESOLVING:
+        if record.stage in (_Stage.RESOLVING, _Stage.RESOLVED):
             if record.resolving is None or not record.resolving.done():
                 return None
+            if self.graft_delay_steps is not None:  # nothing visible happens before it is due
+                if record.stage == _Stage.RESOLVING:
+                    self._prefetch(record)
+                if record.due_step is None or step < record.due_step:
+                    return None
             refusal = self._start_load(record, step)
             if refusal is not None:
                 return refusal
@@ -704,7 +727,7 @@ class GrowthExecutor:
                 step_times_before=[float(x) for x in saved["step_times_before"]],
                 step_times_after=[float(x) for x in saved["step_times_after"]],
             )
-            if record.stage in (_Stage.RESOLVING, _Stage.LOADING):
+            if record.stage in (_Stage.RESOLVING, _Stage.RESOLVED, _Stage.LOADING):
                 assert record.decision.blueprint is not None
                 record.stage = _Stage.RESOLVING
                 target = self.model.layer(record.decision.layer_name).target()

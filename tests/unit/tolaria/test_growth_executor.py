@@ -342,11 +342,27 @@ def test_deterministic_mode_grafts_exactly_graft_delay_steps_after_the_decision(
         states[outcome.step] = run.model.seed_state("0", 0)
     run.executor.close()
 
-    # compiling (DORMANT) or loaded and held back (LOADING) until the due boundary, however
-    # long the compile took; grafted exactly at the boundary of step 5 + 4
-    assert all(states[step] in (SeedState.DORMANT, SeedState.LOADING) for step in (6, 7, 8))
+    # the seed stays DORMANT while the kernel compiles and is prefetched, however long that
+    # takes, and is grafted exactly at the boundary of step 5 + 4
+    assert [states[step] for step in (6, 7, 8)] == [SeedState.DORMANT] * 3
     assert states[9] is SeedState.BLENDING and states[10] is SeedState.BLENDING
     assert run.executor.counters["germinated"] == 1
+
+
+def test_deterministic_mode_reports_a_failed_compile_at_the_due_step(
+    library: ArtifactLibrary,
+) -> None:
+    run = _run(library, graft_delay_steps=3)
+    depthwise = next(o.spec for o in BLUEPRINT_CATALOG if o.name == "conv_depthwise")
+    run.executor.submit(_germinate(step=0).model_copy(update={"blueprint": depthwise}))
+
+    outcomes = [run.step() for _ in range(5)]
+    run.executor.close()
+
+    refused_at = [(o.step, r.gate) for o in outcomes for r in o.refusals]
+    assert refused_at == [(3, "compile_failed")]  # a conv adapter cannot target a Linear
+    assert "failed" in outcomes[2].refusals[0].reason
+    assert run.model.layer("0").seed_states == (SeedState.DORMANT, SeedState.DORMANT)
 
 
 def test_state_dict_round_trips_and_a_resumed_run_grafts_at_the_same_step(

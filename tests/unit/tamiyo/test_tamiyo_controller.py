@@ -453,3 +453,20 @@ def test_decided_seeds_stay_reserved_until_the_training_side_uses_them() -> None
         second.decision.decision_id,
         third.decision.decision_id,
     }
+
+
+def test_importing_tamiyo_and_the_executor_does_not_import_optional_backends() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, esper.tamiyo, esper.tolaria.growth_executor; "
+        "print(sorted(m for m in ('torch_geometric', 'redis', 'sqlalchemy', 'httpx') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

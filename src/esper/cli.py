@@ -265,6 +265,65 @@ def _kernel_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from esper.tolaria.config import load_config
+    from esper.tolaria.progress import RichProgress
+    from esper.tolaria.trainer import resume_config, train
+
+    if args.resume is not None:
+        config = resume_config(args.resume, args.overrides)
+    elif args.config is not None:
+        config = load_config(args.config, overrides=args.overrides)
+    else:
+        raise ConfigurationError(
+            "esper train needs --config configs/<name>.yaml (or --resume runs/<run-id>)"
+        )
+    with RichProgress(console) as progress:
+        result = train(
+            config,
+            resume=args.resume,
+            observer=progress,
+            stop_after_epoch=args.stop_after_epoch,
+        )
+    console.print(
+        f"run {result.folder.run_id} {result.status} at epoch {result.epoch}: test score "
+        f"{result.test_score:.4f}, {result.parameters} parameters; report: "
+        f"{result.folder.report_path}"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from esper.tolaria.report import write_report
+
+    path = write_report(args.run, compare=args.compare)
+    console.print(f"report written to {path}")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from esper.tolaria.run_folder import list_runs
+
+    rows = list_runs(args.dir)
+    table = Table(title=f"runs in {args.dir} ({len(rows)})")
+    for column in ("run", "status", "data", "host", "epoch", "test score", "params", "seeds"):
+        table.add_column(column)
+    for row in rows:
+        score = f"{row.test_score:.4f} {row.score_name}" if row.test_score is not None else "-"
+        table.add_row(
+            row.run_id,
+            row.status,
+            row.dataset,
+            row.host,
+            f"{row.epoch}/{row.epochs}",
+            score,
+            str(row.parameters if row.parameters is not None else "-"),
+            row.seeds,
+        )
+    console.print(table)
+    return 0
+
+
 def _add_library_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--urza",
@@ -369,6 +428,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_options(show)
     show.add_argument("kernel_id")
     show.set_defaults(handler=_kernel_show)
+
+    train = commands.add_parser(
+        "train", help="train (and grow) a model from a run config; writes runs/<run-id>/"
+    )
+    train.add_argument("--config", default=None, help="a run config, e.g. configs/digits.yaml")
+    train.add_argument("--resume", default=None, help="continue the run folder runs/<run-id>")
+    train.add_argument(
+        "--stop-after-epoch", type=int, default=None, help="stop after this epoch's checkpoint"
+    )
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
+    train.set_defaults(handler=_train)
+
+    report = commands.add_parser("report", help="regenerate a run's report.md and plots")
+    report.add_argument("run", help="the run folder, runs/<run-id>")
+    report.add_argument("--compare", action="append", default=[], help="another run folder")
+    report.set_defaults(handler=_report)
+
+    runs = commands.add_parser("runs", help="list the runs in a folder")
+    runs.add_argument("--dir", default="runs", help="folder of run folders (default runs)")
+    runs.set_defaults(handler=_runs)
     return parser
 
 

@@ -49,6 +49,8 @@ class DigitsData(Section):
 
     name: Literal["digits"] = "digits"
     batch_size: int = Field(default=64, ge=1)
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    """Training examples held out for growth decisions' validation (never the test split)."""
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
 
 
@@ -57,6 +59,7 @@ class Mnist1dData(Section):
 
     name: Literal["mnist1d"] = "mnist1d"
     batch_size: int = Field(default=64, ge=1)
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
     num_samples: int = Field(default=5000, ge=100)
     data_seed: int = 42
 
@@ -66,6 +69,7 @@ class RegressionData(Section):
 
     name: Literal["regression"] = "regression"
     batch_size: int = Field(default=64, ge=1)
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
     num_samples: int = Field(default=2000, ge=10)
     in_features: int = Field(default=16, ge=1)
     out_features: int = Field(default=1, ge=1)
@@ -147,6 +151,8 @@ class GrowthSection(Section):
     enabled: bool = True
     policy: str = "bottleneck"
     """``bottleneck``, ``random``, ``round_robin``, or a path to a saved GNN policy."""
+    bus: str = "memory://"
+    """Where decisions, refusals and rewards are published for observers (``redis://…``)."""
     decide_every: int = Field(default=50, ge=1)
     """Steps between controller decisions."""
     telemetry_every: int = Field(default=10, ge=1)

@@ -13,6 +13,7 @@ says how a convolutional or sequence host may view one example (``(1, 8, 8)`` fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from dataclasses import dataclass
@@ -64,6 +65,23 @@ class TensorSplit:
     def num_outputs(self) -> int:
         """Width of a model's output: the classes, or the regression targets per example."""
         return self.num_classes if self.num_classes else int(self.y_train.shape[-1])
+
+
+def hold_out_validation(
+    split: TensorSplit, fraction: float, *, seed: int = 0
+) -> tuple[TensorSplit, torch.Tensor, torch.Tensor]:
+    """Move a random ``fraction`` of the training examples into a validation set.
+
+    Returns:
+        The split with the remaining training examples, and ``(x_val, y_val)``.
+    """
+    n_val = int(len(split.x_train) * fraction)
+    order = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:n_val], order[n_val:]
+    remaining = dataclasses.replace(
+        split, x_train=split.x_train[train], y_train=split.y_train[train]
+    )
+    return remaining, split.x_train[val], split.y_train[val]
 
 
 def load_digits_split(*, seed: int = 0, test_fraction: float = 0.2) -> TensorSplit:

@@ -77,7 +77,9 @@ def describe_event(record: Mapping[str, Any]) -> str:
     if kind == "refusal":
         return f"step {step} refused {record.get('action')} {record.get('layer')}: {record.get('gate')}"
     if kind == "reward":
-        return f"step {step} reward {where} {record.get('total', 0.0):+.3f} -> {record.get('outcome')}"
+        return (
+            f"step {step} reward {where} {record.get('total', 0.0):+.3f} -> {record.get('outcome')}"
+        )
     return f"step {step} {kind} {where}"
 
 

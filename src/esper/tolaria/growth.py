@@ -1,0 +1,330 @@
+"""Growth wiring: the Tamiyo controller, the growth executor, Urza, Tezzeret and Oona of one run.
+
+:func:`build_growth` turns a run config's ``growth`` and ``urza`` sections into a
+:class:`GrowthDriver`, which the run loop (:mod:`esper.tolaria.trainer`) calls at fixed places:
+
+* ``graftable(step)`` before ``model.step``: which finished kernel loads may join now;
+* ``after_step(step, loss)`` after it: the executor applies decisions (compile in the background,
+  load, graft, evaluate, reward, fossilize or cull);
+* ``observe_telemetry(signals)`` every ``growth.telemetry_every`` steps;
+* ``decide(step)`` every ``growth.decide_every`` steps: the controller decides synchronously.
+
+Everything runs in process and deterministically by default: the controller is called
+synchronously at fixed step intervals (no thread), its decisions are handed to the executor
+directly (and also published on the bus for observers), and the executor grafts each kernel
+exactly ``growth.graft_delay`` steps after its decision, waiting at that boundary only if the
+background compile has not finished by then (counted as ``stall_ms``). The run's growth events are
+then a function of the step alone, which is what makes ``--resume`` exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from esper.contracts import AdaptationDecision, BlueprintSpec, HealthSignal, RewardReport
+from esper.core import MorphableModel
+from esper.execution.grafted_kernel import GraftedKernel
+from esper.oona import MessageBus, open_bus
+from esper.tamiyo.controller import TamiyoController, load_policy
+from esper.tamiyo.health import HealthCollector
+from esper.tamiyo.observation import BLUEPRINT_CATALOG
+from esper.tamiyo.safety import SafetyConfig, SafetyGates
+from esper.tolaria.config import GrowthSection, RunConfig
+from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
+from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+"""A growth event for the metrics log: ``{"type": "decision" | "graft" | …, "step": …, …}``."""
+
+
+def blueprint_name(spec: BlueprintSpec | None) -> str | None:
+    """The catalog name of a blueprint (its family if it is not in the catalog)."""
+    if spec is None:
+        return None
+    for option in BLUEPRINT_CATALOG:
+        if option.spec == spec:
+            return option.name
+    return spec.family
+
+
+class GrowthDriver:
+    """Owns the growth components of one run and translates their results into metric events.
+
+    Args:
+        config: the run config (``growth`` and ``urza`` sections are used).
+        run_id: the run's id (tags every message).
+        total_steps: the run's length in steps.
+        library: the Urza library kernels are found in and compiled into.
+        bus: where decisions, refusals and rewards are published for observers.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        run_id: str,
+        total_steps: int,
+        library: ArtifactLibrary,
+        bus: MessageBus,
+    ) -> None:
+        self.settings: GrowthSection = config.growth
+        self.run_id = run_id
+        self.total_steps = total_steps
+        self.library = library
+        self.bus = bus
+        self.compile_in_thread = config.urza.worker == "thread"
+        self.kernel_lr = config.train.kernel_lr or config.train.lr
+        self.policy = load_policy(self.settings.policy, seed=config.run.seed)
+        self.safety = SafetyGates(
+            SafetyConfig(
+                cooldown_steps=self.settings.cooldown_steps,
+                window_steps=total_steps + 1,  # the rate limit caps the whole run
+                max_adaptations=self.settings.max_seeds,
+                min_confidence=self.settings.min_confidence,
+                max_parameter_fraction=self.settings.max_parameter_ratio,
+                loss_spike_tolerance=self.settings.loss_spike_ratio - 1.0,
+            )
+        )
+        self.controller: TamiyoController | None = None
+        self.executor: GrowthExecutor | None = None
+        self._losses: list[float] = []
+        self._decision_seeds: dict[str, int] = {}
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def wrap_options(self) -> dict[str, Any]:
+        """Arguments for :func:`esper.wrap`: kernels are fetched from Urza."""
+        return {"kernel_source": UrzaArtifactSource(self.library)}
+
+    def attach(
+        self, model: MorphableModel, *, validate: Callable[[], Mapping[str, float]] | None = None
+    ) -> None:
+        """Create the controller and the executor for ``model`` (its optimizer already attached).
+
+        Args:
+            model: the wrapped model.
+            validate: validation loss (and accuracy) of the model now, for rewards.
+        """
+        self.controller = TamiyoController(
+            self.bus,
+            self.policy,
+            run_id=self.run_id,
+            safety=self.safety,
+            model=model,
+            collector=HealthCollector(None, run_id=self.run_id),
+            total_steps=self.total_steps,
+        )
+        self.executor = GrowthExecutor(
+            model,
+            run_id=self.run_id,
+            library=self.library,
+            bus=self.bus,
+            listen=False,  # decisions are handed over directly: no timing dependence
+            compile_worker=self.compile_in_thread,
+            safety=self.safety,
+            evaluation_steps=self.settings.evaluation_steps,
+            evaluate=validate,
+            graft_delay_steps=self.settings.graft_delay,
+            total_steps=self.total_steps,
+            progress_every_steps=self.settings.telemetry_every,
+        )
+
+    # -- the step boundary -------------------------------------------------------------------------
+
+    def graftable(self, step: int) -> dict[str, set[int]] | None:
+        """Which finished loads may be grafted at the boundary returning ``step``."""
+        assert self.executor is not None
+        return self.executor.graftable(step)
+
+    def after_step(self, step: int, loss: float) -> list[Event]:
+        """Let the executor advance every germination; return what happened as events."""
+        assert self.executor is not None and self.controller is not None
+        self._losses.append(loss)
+        outcome = self.executor.on_step(step, loss)
+        for report in outcome.rewards:
+            self.controller.observe(report)  # a culled graft starts the layer's long cooldown
+        for refusal in outcome.refusals:
+            self.controller.observe(refusal)
+        return self._events(outcome)
+
+    def observe_telemetry(self, step: int, signals: list[HealthSignal]) -> None:
+        """Feed a telemetry flush and the recent mean loss to the controller."""
+        assert self.controller is not None and self.executor is not None
+        self.controller.observe_telemetry(signals)
+        loss = sum(self._losses) / len(self._losses) if self._losses else None
+        self._losses = []
+        self.controller.observe_progress(step, loss=loss)
+
+    def is_decision_step(self, step: int) -> bool:
+        """Whether Tamiyo decides at ``step`` (fixed intervals inside the growth window)."""
+        settings = self.settings
+        return (
+            step >= settings.start_step
+            and step % settings.decide_every == 0
+            and step <= settings.stop_fraction * self.total_steps
+        )
+
+    def decide(self, step: int) -> list[Event]:
+        """One synchronous controller decision; an accepted one goes to the executor."""
+        assert self.controller is not None and self.executor is not None
+        result = self.controller.decide(step)
+        if result.decision is not None:
+            self.executor.submit(result.decision)
+            self._decision_seeds[result.decision.decision_id] = result.decision.seed_idx
+            return [_decision_event(result.decision)]
+        if result.refusal is not None:
+            refusal = result.refusal
+            return [
+                {
+                    "type": "refusal",
+                    "step": refusal.step,
+                    "action": str(refusal.action),
+                    "layer": refusal.layer_name,
+                    "gate": refusal.gate,
+                    "reason": refusal.reason,
+                    "policy": refusal.policy,
+                }
+            ]
+        return []
+
+    def counters(self) -> dict[str, int]:
+        """The controller's and the executor's counters (``executor.stall_ms``: time the loop
+        waited at due boundaries for compiles that had not finished)."""
+        counts: dict[str, int] = {}
+        if self.controller is not None:
+            counts.update({f"controller.{k}": int(v) for k, v in self.controller.counters.items()})
+        if self.executor is not None:
+            counts.update({f"executor.{k}": int(v) for k, v in self.executor.counters.items()})
+        return counts
+
+    def compiling(self) -> int:
+        """Germinations waiting for their kernel (compile in flight or lookup)."""
+        return self.executor.compiling() if self.executor is not None else 0
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def _events(self, outcome: StepOutcome) -> list[Event]:
+        assert self.executor is not None
+        model = self.executor.model
+        events: list[Event] = []
+        for layer, seed in outcome.grafted:
+            kernel = model.layer(layer).kernel(seed)
+            events.append(
+                {
+                    "type": "graft",
+                    "step": outcome.step,
+                    "layer": layer,
+                    "seed": seed,
+                    "kernel_id": model.layer(layer).seed_state.slots[seed].kernel_id,
+                    "blueprint": self._blueprint_of(layer, seed),
+                    "kernel_parameters": sum(p.numel() for p in kernel.parameters())
+                    if kernel is not None
+                    else 0,
+                }
+            )
+        for report in outcome.rewards:
+            events.append(_reward_event(report, outcome.step))
+            outcome_name = str(report.outcome) if report.outcome is not None else "cull"
+            events.append(
+                {
+                    "type": outcome_name,
+                    "step": outcome.step,
+                    "layer": report.layer_name,
+                    "seed": self._seed_of(report.decision_id),
+                    "decision_id": report.decision_id,
+                }
+            )
+        for refusal in outcome.refusals:
+            events.append(
+                {
+                    "type": "refusal",
+                    "step": refusal.step,
+                    "action": str(refusal.action),
+                    "layer": refusal.layer_name,
+                    "gate": refusal.gate,
+                    "reason": refusal.reason,
+                    "policy": refusal.policy,
+                }
+            )
+        return events
+
+    def _blueprint_of(self, layer: str, seed: int) -> str | None:
+        assert self.executor is not None
+        grafted = self.executor.model.layer(layer).seeds[str(seed)]
+        return (
+            blueprint_name(grafted.blueprint()[0]) if isinstance(grafted, GraftedKernel) else None
+        )
+
+    def _seed_of(self, decision_id: str) -> int | None:
+        return self._decision_seeds.get(decision_id)
+
+    # -- checkpoints and shutdown ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller (with safety gates and policy) and executor state, plain JSON."""
+        assert self.controller is not None and self.executor is not None
+        return {
+            "controller": self.controller.state_dict(),
+            "executor": self.executor.state_dict(),
+            "losses": list(self._losses),
+            "decision_seeds": dict(self._decision_seeds),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (after the model's state was loaded)."""
+        assert self.controller is not None and self.executor is not None
+        self.controller.load_state_dict(state["controller"])
+        self.executor.load_state_dict(state["executor"])
+        self._losses = [float(x) for x in state["losses"]]
+        self._decision_seeds = {str(k): int(v) for k, v in state["decision_seeds"].items()}
+
+    def close(self) -> None:
+        """Stop the executor's threads (and the Tezzeret worker), close the bus and the library."""
+        if self.executor is not None:
+            self.executor.close()
+        self.bus.close()
+        self.library.close()
+
+
+def _decision_event(decision: AdaptationDecision) -> Event:
+    return {
+        "type": "decision",
+        "step": decision.step,
+        "action": str(decision.action),
+        "layer": decision.layer_name,
+        "seed": decision.seed_idx,
+        "blueprint": blueprint_name(decision.blueprint),
+        "policy": decision.policy,
+        "confidence": decision.confidence,
+        "uncertainty": decision.uncertainty,
+        "decision_id": decision.decision_id,
+    }
+
+
+def _reward_event(report: RewardReport, step: int) -> Event:
+    return {
+        "type": "reward",
+        "step": step,
+        "layer": report.layer_name,
+        "decision_id": report.decision_id,
+        "total": report.total,
+        "components": report.components,
+        "outcome": str(report.outcome) if report.outcome is not None else None,
+    }
+
+
+def build_growth(config: RunConfig, *, run_id: str, total_steps: int) -> GrowthDriver:
+    """The growth components a run config asks for: embedded Urza (``<run.dir>/urza`` unless
+    ``urza.dir``/``urza.url`` say otherwise) and the bus at ``growth.bus``."""
+    if config.urza.url is not None:
+        library = open_library(config.urza.url)
+    else:
+        folder = config.urza.dir or Path(config.run.dir) / "urza"
+        library = open_library(run_dir=folder)
+    bus = open_bus(config.growth.bus)
+    return GrowthDriver(config, run_id=run_id, total_steps=total_steps, library=library, bus=bus)

@@ -1,0 +1,391 @@
+"""The run loop behind ``esper train``: one readable recipe from config to grown model and report.
+
+Run it with ``esper train --config configs/digits.yaml`` (``key=value`` overrides after it), or
+from Python::
+
+    from esper.tolaria import load_config, train
+    result = train(load_config("configs/digits.yaml", overrides=["train.epochs=2"]))
+
+What one step does, in order (see :func:`train`)::
+
+    forward, loss, backward, optimizer step
+    model.step(graftable=...)        step boundary: graft the kernels due now, ramp alphas
+    growth.after_step(step, loss)    apply Tamiyo's decisions: compile (background), load,
+                                     evaluate grafts, reward, fossilize or cull
+    every telemetry_every steps:     model.collect_telemetry() -> Oona -> Tamiyo's health
+    every decide_every steps:        growth.decide(step): Tamiyo decides, synchronously
+
+Growth is deterministic in step: decisions happen at fixed step intervals and a kernel is grafted
+exactly ``growth.graft_delay`` steps after its decision (see :mod:`esper.tolaria.growth`), so a
+run resumed from a checkpoint repeats the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import esper
+from esper.contracts import SeedState
+from esper.core import MorphableModel
+from esper.tolaria.checkpoint import (
+    capture,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+from esper.tolaria.config import RunConfig, TrainSection, load_config
+from esper.tolaria.datasets import TensorSplit, hold_out_validation, load_dataset
+from esper.tolaria.evaluation import evaluate, score_name, task_loss
+from esper.tolaria.growth import GrowthDriver, build_growth
+from esper.tolaria.hosts import build_host
+from esper.tolaria.metrics import MetricsLog
+from esper.tolaria.progress import RunObserver, SilentObserver
+from esper.tolaria.report import summarize, write_report
+from esper.tolaria.run_folder import RunFolder, new_run_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or stopped) run left behind."""
+
+    folder: RunFolder
+    status: str
+    epoch: int
+    step: int
+    test_loss: float
+    test_score: float
+    parameters: int
+    model: MorphableModel
+
+
+# -- builders: config -> objects -----------------------------------------------------------------
+
+
+def build_data(config: RunConfig) -> tuple[TensorSplit, torch.Tensor, torch.Tensor]:
+    """The run's dataset, with ``data.validation_fraction`` of the training examples held out
+    (returned as ``(split, x_val, y_val)``) for the growth executor's evaluations."""
+    options = config.data.model_dump(exclude={"name", "batch_size", "validation_fraction"})
+    split = load_dataset(config.data.name, seed=config.run.seed, **options)
+    return hold_out_validation(split, config.data.validation_fraction, seed=config.run.seed)
+
+
+def build_model(config: RunConfig, data: TensorSplit, **wrap_options: Any) -> MorphableModel:
+    """The host for ``data``, initialised from ``run.seed`` and wrapped with dormant seeds."""
+    torch.manual_seed(config.run.seed)
+    host = build_host(
+        config.host.kind,
+        in_features=data.num_features,
+        out_features=data.num_outputs,
+        input_shape=data.input_shape,
+        options=config.host.model_dump(exclude={"kind"}),
+    )
+    seeds = config.seeds
+    targets = seeds.target if seeds.target is not None else _default_targets(config)
+    return esper.wrap(
+        host,
+        target_layers=targets,
+        seeds_per_layer=seeds.per_layer,
+        blend_steps=seeds.blend_steps,
+        health_every=seeds.health_every,
+        **wrap_options,
+    )
+
+
+def _default_targets(config: RunConfig) -> list[type[torch.nn.Module]]:
+    if config.host.kind == "cnn":
+        return [torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear]
+    return [torch.nn.Linear]
+
+
+def build_optimizer(train: TrainSection, model: MorphableModel) -> torch.optim.Optimizer:
+    """The optimizer over the host's parameters; grafted kernels join it as their own groups."""
+    params = list(model.parameters())
+    optimizer: torch.optim.Optimizer
+    if train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
+    elif train.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    model.attach_optimizer(optimizer, lr=train.kernel_lr or train.lr)
+    return optimizer
+
+
+def seed_counts(model: MorphableModel) -> dict[str, int]:
+    """Seeds by state name (host mirror, no device read)."""
+    counts: Counter[str] = Counter()
+    for name in model.layer_names:
+        counts.update(state.name for state in model.layer(name).seed_states)
+    return {state.name: counts[state.name] for state in SeedState if counts[state.name]}
+
+
+def seed_snapshot(model: MorphableModel) -> dict[tuple[str, int], str]:
+    """Every seed's state name, by ``(layer, seed)``."""
+    return {
+        (name, i): state.name
+        for name in model.layer_names
+        for i, state in enumerate(model.layer(name).seed_states)
+    }
+
+
+def parameter_count(model: MorphableModel) -> int:
+    """Base plus grafted kernel parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def train(
+    config: RunConfig,
+    *,
+    resume: str | Path | None = None,
+    observer: RunObserver | None = None,
+    stop_after_epoch: int | None = None,
+    command: str | None = None,
+) -> RunResult:
+    """Train a run from ``config`` (or continue the run folder ``resume``) and write its report.
+
+    Args:
+        config: the run config (for ``resume``, the folder's saved config, possibly overridden).
+        resume: a run folder to continue from its latest checkpoint.
+        observer: receives progress (the CLI's rich view); silent by default.
+        stop_after_epoch: stop (status ``interrupted``) after this epoch's checkpoint, as if the
+            run had been killed there; ``--resume`` continues it.
+        command: the command line to record in ``run.json`` (default: ``sys.argv``).
+
+    Returns:
+        The run's folder, final numbers and the trained model.
+    """
+    observer = observer or SilentObserver()
+    torch.set_num_threads(config.run.threads)
+    started = time.perf_counter()
+
+    # -- run folder, data, model, optimizer ---------------------------------------------------
+    if resume is not None:
+        folder = RunFolder.open(resume)
+    else:
+        folder = RunFolder.create(config.run.dir, config.run.id or new_run_id(config.run.name))
+        folder.config_path.write_text(config.to_yaml())
+    data, x_val, y_val = build_data(config)
+    regression = data.is_regression
+    batch_size = config.data.batch_size
+    steps_per_epoch = -(-len(data.x_train) // batch_size)
+    total_steps = steps_per_epoch * config.train.epochs
+
+    growth: GrowthDriver | None = None
+    if config.growth.enabled:
+        growth = build_growth(config, run_id=folder.run_id, total_steps=total_steps)
+    model = build_model(config, data, **(growth.wrap_options() if growth else {}))
+    optimizer = build_optimizer(config.train, model)
+    if growth is not None:
+
+        def validate() -> dict[str, float]:
+            loss, score = evaluate(model, x_val, y_val, regression=regression)
+            return {"loss": loss, "accuracy": score} if not regression else {"loss": loss}
+
+        growth.attach(model, validate=validate if len(x_val) else None)
+    data_order = torch.Generator().manual_seed(config.run.seed)
+    metrics = MetricsLog(folder.metrics_path)
+
+    start_epoch = 0
+    wall_before = 0.0
+    if resume is not None and (checkpoints := folder.checkpoints()):
+        epoch, path = checkpoints[-1]
+        checkpoint = load_checkpoint(path)
+        model.load_state_dict(checkpoint.model)  # re-grafts the kernels -> their optimizer groups
+        restore_optimizer(optimizer, checkpoint)
+        restore_rng(checkpoint, data_order)
+        if growth is not None:
+            growth.load_state_dict(checkpoint.growth)
+        metrics.truncate(checkpoint.metrics_position)
+        start_epoch = checkpoint.epoch
+        wall_before = float(checkpoint.extra.get("wall_seconds", 0.0))
+        logger.info("resumed %s from epoch %d (step %d)", folder.run_id, epoch, checkpoint.step)
+    elif resume is not None:
+        metrics.truncate(0)  # interrupted before its first checkpoint: start over
+
+    layer_seeds = {name: model.layer(name).num_seeds for name in model.layer_names}
+    initial_parameters = sum(p.numel() for p in model.base_parameters())
+    folder.write_info(
+        run_id=folder.run_id,
+        status="running",
+        dataset=config.data.name,
+        host=config.host.kind,
+        policy=config.growth.policy if config.growth.enabled else "static",
+        score_name=score_name(data),
+        epochs=config.train.epochs,
+        epoch=start_epoch,
+        initial_parameters=initial_parameters,
+        layer_seeds=layer_seeds,
+        command=command or shlex.join(["esper", *sys.argv[1:]]),
+        started_at=folder.read_info().get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    if start_epoch == 0:
+        test_loss, test_score = evaluate(model, data.x_test, data.y_test, regression=regression)
+        metrics.write("eval", epoch=0, step=0, test_loss=test_loss, test_score=test_score)
+        for (layer, seed), state in seed_snapshot(model).items():
+            metrics.write("seed", step=0, layer=layer, seed=seed, state=state)
+
+    observer.on_start(
+        run_id=folder.run_id,
+        epochs=config.train.epochs,
+        steps_per_epoch=steps_per_epoch,
+        start_epoch=start_epoch,
+    )
+    status = "failed"
+    epoch = start_epoch
+    test_loss = test_score = float("nan")
+    states = seed_snapshot(model)
+    parameters = parameter_count(model)
+    try:
+        for epoch in range(start_epoch + 1, config.train.epochs + 1):
+            order = torch.randperm(len(data.x_train), generator=data_order)
+            epoch_loss = torch.zeros(())
+            for start in range(0, len(order), batch_size):
+                tic = time.perf_counter()
+                batch = order[start : start + batch_size]
+                # -- one training step ------------------------------------------------------
+                loss = task_loss(
+                    model(data.x_train[batch]), data.y_train[batch], regression=regression
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                # -- step boundary: grafts due now join, alphas ramp --------------------------
+                graftable = growth.graftable(model.global_step + 1) if growth else None
+                step = model.step(graftable=graftable)
+                loss_value = float(loss.detach())
+                events: list[dict[str, Any]] = []
+                if growth is not None:
+                    events += growth.after_step(step, loss_value)  # decisions applied, rewards
+                    if step % config.growth.telemetry_every == 0:
+                        growth.observe_telemetry(step, model.collect_telemetry())
+                    if growth.is_decision_step(step):
+                        events += growth.decide(step)  # Tamiyo, synchronous and deterministic
+                step_ms = (time.perf_counter() - tic) * 1e3
+                # -- bookkeeping (outside the timed step) -------------------------------------
+                epoch_loss += loss.detach() * len(batch)
+                new_states = seed_snapshot(model)
+                if new_states != states:
+                    for key, state in new_states.items():
+                        if states.get(key) != state:
+                            metrics.write("seed", step=step, layer=key[0], seed=key[1], state=state)
+                    states = new_states
+                    parameters = parameter_count(model)
+                for event in events:
+                    metrics.write(event["type"], **{k: v for k, v in event.items() if k != "type"})
+                    observer.on_event(event)
+                counts = seed_counts(model)
+                if step % config.train.log_every == 0:
+                    metrics.write(
+                        "step",
+                        step=step,
+                        epoch=epoch,
+                        loss=loss_value,
+                        step_time_ms=step_ms,
+                        parameters=parameters,
+                        seeds=counts,
+                        compiling=growth.compiling() if growth else 0,
+                    )
+                observer.on_step(step=step, loss=loss_value, seeds=counts)
+
+            # -- end of epoch: evaluate, log, checkpoint -----------------------------------------
+            test_loss, test_score = evaluate(model, data.x_test, data.y_test, regression=regression)
+            counts = seed_counts(model)
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "step": model.global_step,
+                "train_loss": float(epoch_loss) / len(order),
+                "test_loss": test_loss,
+                "test_score": test_score,
+                "score_name": score_name(data),
+                "parameters": parameter_count(model),
+                "seeds": counts,
+                "layers": {n: [s.name for s in model.layer(n).seed_states] for n in layer_seeds},
+                "wall_s": wall_before + time.perf_counter() - started,
+            }
+            metrics.write("epoch", **record)
+            wall = wall_before + time.perf_counter() - started
+            if config.train.checkpoint:
+                checkpoint = capture(
+                    epoch=epoch,
+                    step=model.global_step,
+                    model=model,
+                    optimizer=optimizer,
+                    data_generator=data_order,
+                    metrics_position=metrics.position(),
+                    growth=growth.state_dict() if growth else None,
+                    extra={"wall_seconds": wall},
+                )
+                save_checkpoint(folder.checkpoint_dir(epoch), checkpoint)
+            metrics.flush()
+            folder.write_info(
+                epoch=epoch,
+                test_score=test_score,
+                test_loss=test_loss,
+                parameters=record["parameters"],
+                seeds=", ".join(f"{n} {s.lower()}" for s, n in counts.items()),
+                wall_seconds=wall,
+            )
+            observer.on_epoch(record)
+            if stop_after_epoch is not None and epoch >= stop_after_epoch < config.train.epochs:
+                status = "interrupted"
+                break
+        else:
+            status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        metrics.flush()
+        if growth is not None:
+            folder.write_info(growth_counters=growth.counters())
+            growth.close()
+        model.kernel_cache.close()
+        folder.write_info(status=status, wall_seconds=wall_before + time.perf_counter() - started)
+        observer.on_end(status=status)
+        if status != "failed":
+            write_report(folder.path)
+            folder.write_info(summary=summarize(folder).as_dict())
+
+    return RunResult(
+        folder=folder,
+        status=status,
+        epoch=epoch,
+        step=model.global_step,
+        test_loss=test_loss,
+        test_score=test_score,
+        parameters=parameter_count(model),
+        model=model,
+    )
+
+
+def resume_config(folder: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The saved config of a run folder with ``overrides`` applied (for ``--resume``)."""
+    return load_config(RunFolder.open(folder).config_path, overrides=overrides)
+
+
+def result_summary(result: RunResult) -> Mapping[str, Any]:
+    """Plain-data view of a :class:`RunResult` (without the model)."""
+    data = {
+        f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "model"
+    }
+    data["folder"] = str(result.folder.path)
+    return data

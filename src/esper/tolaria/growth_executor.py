@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -48,7 +51,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -146,8 +149,11 @@ class GrowthExecutor:
         optimizer: when given, :meth:`MorphableModel.attach_optimizer` is called with it and
             ``optimizer_options`` (leave it out if the training loop attached it already).
         optimizer_options: parameter-group options for grafted kernels, e.g. ``{"lr": 1e-3}``.
-        compile_worker: run an embedded :class:`~esper.tezzeret.TezzeretWorker` thread on
-            ``library`` (for the embedded deployment; leave off when external workers compile).
+        compile_worker: compile in this run: ``True`` or ``"thread"`` runs a
+            :class:`~esper.tezzeret.TezzeretWorker` thread on ``library``; ``"process"`` runs
+            ``esper tezzeret worker`` as a child process on the same library (no GIL contention
+            with the training thread; needs a library opened from URLs without a password, or
+            an Urza service); ``False`` when external workers compile.
         safety: provides the ``loss_spike`` gate (default thresholds if omitted).
         evaluation_steps: steps after a seed becomes ACTIVE before it is judged; also the number
             of steps before the graft whose losses form the baseline.
@@ -175,7 +181,7 @@ class GrowthExecutor:
         listen: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
         optimizer_options: Mapping[str, Any] | None = None,
-        compile_worker: bool = False,
+        compile_worker: bool | Literal["thread", "process"] = False,
         safety: SafetyGates | None = None,
         evaluation_steps: int = 100,
         evaluate: Callable[[], Mapping[str, float]] | None = None,
@@ -200,7 +206,11 @@ class GrowthExecutor:
                 f"{graft_delay_steps}"
             )
         if compile_worker and library is None:
-            raise ConfigurationError("compile_worker=True needs a library to compile into")
+            raise ConfigurationError(f"compile_worker={compile_worker!r} needs a library")
+        if compile_worker not in (True, False, "thread", "process"):
+            raise ConfigurationError(
+                f"compile_worker must be True/'thread', 'process' or False, got {compile_worker!r}"
+            )
         self.model = model
         self.run_id = run_id
         self.library = library
@@ -231,7 +241,12 @@ class GrowthExecutor:
         self._base_parameters = sum(p.numel() for p in model.base_parameters())
         if optimizer is not None:
             model.attach_optimizer(optimizer, **dict(optimizer_options or {}))
-        self.worker = TezzeretWorker(library, bus).start() if compile_worker and library else None
+        self.worker: TezzeretWorker | None = None
+        self._worker_process: subprocess.Popen[bytes] | None = None
+        if library is not None and compile_worker in (True, "thread"):
+            self.worker = TezzeretWorker(library, bus).start()
+        elif library is not None and compile_worker == "process":
+            self._worker_process = _start_worker_process(library)
         self.publisher = BackgroundPublisher(bus, name=f"executor-{run_id}") if bus else None
         self._inbox: _CommandInbox | None = None
         if bus is not None and listen:
@@ -674,6 +689,12 @@ class GrowthExecutor:
             self._inbox.close(timeout)
         if self.worker is not None:
             self.worker.stop(timeout)
+        if self._worker_process is not None:
+            self._worker_process.terminate()
+            try:
+                self._worker_process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._worker_process.kill()
         self._resolver.shutdown(wait=False, cancel_futures=True)
         if self.publisher is not None:
             self.publisher.close(timeout)
@@ -737,6 +758,31 @@ class GrowthExecutor:
             elif saved["kernel"] is not None:
                 record.kernel = KernelMetadata.model_validate(saved["kernel"])
             self._records[record.decision.decision_id] = record
+
+
+def _start_worker_process(library: ArtifactLibrary) -> subprocess.Popen[bytes]:
+    """``esper tezzeret worker`` on the same library, as a child process."""
+    service_url = getattr(library, "url", None)
+    metadata_url = getattr(getattr(library, "metadata", None), "url", None)
+    blob_url = getattr(getattr(library, "blobs", None), "url", None)
+    if isinstance(service_url, str):
+        where = ["--urza", service_url]  # the token comes from ESPER_URZA_TOKEN, inherited
+    elif isinstance(metadata_url, str) and isinstance(blob_url, str) and "***" not in metadata_url:
+        where = ["--metadata-url", metadata_url, "--blob-url", blob_url]
+    else:
+        raise ConfigurationError(
+            f"compile_worker='process' cannot tell a child process where {library!r} is: open "
+            "the library from password-less URLs or an Urza service, or use compile_worker="
+            "'thread'"
+        )
+    command = [sys.executable, "-m", "esper.cli", "tezzeret", "worker", *where]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.Popen(
+        [*command, "--poll-interval", "0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def _record_state(record: _Germination) -> dict[str, Any]:

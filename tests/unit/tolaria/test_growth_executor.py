@@ -402,3 +402,17 @@ def test_topology_and_progress_are_published_for_a_remote_controller(
     assert topology == [ModelTopology.from_model(run.model, run_id="run-1")]
     assert [(p.step, p.loss, p.total_steps) for p in progress] == [(5, 2.0, 100), (10, 2.0, 100)]
     assert progress[0].base_parameters == sum(p.numel() for p in run.model.base_parameters())
+
+
+def test_compile_worker_can_be_a_child_process(library: ArtifactLibrary) -> None:
+    run = _run(library, compile_worker="process")
+    process = run.executor._worker_process
+    assert process is not None and process.poll() is None
+    run.executor.submit(_germinate())
+
+    outcomes = run.until(lambda o: bool(o.grafted), max_steps=60_000)
+    run.executor.close()
+
+    assert outcomes[-1].grafted == (("0", 0),)
+    assert run.executor.worker is None  # no compile thread in this process
+    assert process.poll() is not None  # stopped by close()

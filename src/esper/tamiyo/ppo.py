@@ -197,9 +197,9 @@ class PPOTrainer:
                 self.optimizer.step()
                 minibatches += 1
                 epoch_kl.append(losses.approx_kl)
-                sums["policy_loss"] += float(losses.policy_loss)
-                sums["value_loss"] += float(losses.value_loss)
-                sums["entropy"] += float(losses.entropy)
+                sums["policy_loss"] += float(losses.policy_loss.detach())
+                sums["value_loss"] += float(losses.value_loss.detach())
+                sums["entropy"] += float(losses.entropy.detach())
                 sums["approx_kl"] += losses.approx_kl
                 sums["clipfrac"] += losses.clipfrac
             if cfg.target_kl is not None and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:

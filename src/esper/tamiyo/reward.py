@@ -6,7 +6,7 @@ Every component is oriented so that higher is better, and is unweighted (the wei
 =======================  ========================================================================
 component                value
 =======================  ========================================================================
-``loss_improvement``     relative drop of the validation loss, ``(before - after) / before``
+``loss_improvement``     log-ratio of validation losses, ``ln(before / after)`` (0.69: halved)
 ``accuracy_improvement`` change of validation accuracy, ``after - before`` (0 when not measured)
 ``parameter_efficiency`` minus the parameters added, as a fraction of the base model's
 ``compute_cost``         minus the relative increase of step (or forward) time, ``1 - after/before``
@@ -144,8 +144,13 @@ def reward_components(outcome: AdaptationOutcome) -> dict[str, float]:
             f"count; got val_loss_before={outcome.val_loss_before}, "
             f"base_parameters={outcome.base_parameters}"
         )
-    after = outcome.val_loss_after if math.isfinite(outcome.val_loss_after) else math.inf
-    loss_improvement = (outcome.val_loss_before - after) / max(abs(outcome.val_loss_before), _EPS)
+    before, after = outcome.val_loss_before, outcome.val_loss_after
+    if not math.isfinite(after):
+        loss_improvement = -math.inf
+    elif before > 0 and after > 0:
+        loss_improvement = math.log(before / after)
+    else:  # a loss that can reach zero or below: fall back to the relative change
+        loss_improvement = (before - after) / max(abs(before), _EPS)
     if outcome.accuracy_before is not None and outcome.accuracy_after is not None:
         accuracy_improvement = outcome.accuracy_after - outcome.accuracy_before
     else:

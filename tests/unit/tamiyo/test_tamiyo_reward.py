@@ -45,7 +45,7 @@ def outcome(**overrides: object) -> AdaptationOutcome:
 def test_seven_components_on_a_hand_computed_outcome() -> None:
     c = reward_components(outcome())
     assert list(c) == list(REWARD_COMPONENTS) and len(c) == 7
-    assert c["loss_improvement"] == pytest.approx(0.2)  # (0.5 - 0.4) / 0.5
+    assert c["loss_improvement"] == pytest.approx(math.log(0.5 / 0.4))
     assert c["accuracy_improvement"] == pytest.approx(0.05)
     assert c["parameter_efficiency"] == pytest.approx(-0.1)
     assert c["compute_cost"] == pytest.approx(-0.1)  # 1 - 0.011 / 0.010
@@ -60,7 +60,13 @@ def test_defaults_when_things_were_not_measured() -> None:
             val_loss_before=2.0, val_loss_after=2.5, base_parameters=400, added_parameters=40
         )
     )
-    assert c["loss_improvement"] == pytest.approx(-0.25)
+    assert c["loss_improvement"] == pytest.approx(math.log(2.0 / 2.5))
+    shifted = reward_components(
+        AdaptationOutcome(
+            val_loss_before=-1.0, val_loss_after=-1.5, base_parameters=1, added_parameters=0
+        )
+    )
+    assert shifted["loss_improvement"] == pytest.approx(0.5)  # non-positive losses: relative
     assert c["accuracy_improvement"] == 0.0
     assert c["compute_cost"] == 0.0
     assert c["memory_cost"] == pytest.approx(-0.1)  # 4 bytes per parameter on both sides
@@ -86,7 +92,8 @@ def test_total_is_the_weighted_sum_and_the_report_carries_everything() -> None:
         safety=3.0,
     )
     reward = compute_reward(outcome(rolled_back=True), weights)
-    assert reward.total == pytest.approx(2.0 * 0.2 + 1.0 * -0.1 + 0.5 * -0.5 + 3.0 * -1.0)
+    expected = 2.0 * math.log(0.5 / 0.4) + 1.0 * -0.1 + 0.5 * -0.5 + 3.0 * -1.0
+    assert reward.total == pytest.approx(expected)
     report = reward.to_report(
         run_id="r", decision_id="a" * 32, layer_name="fc1", step=40, outcome=AdaptationAction.CULL
     )

@@ -511,9 +511,14 @@ class TamiyoController:
         return states
 
     def _observed_kernel_parameters(self) -> int:
-        if self.model is not None:
-            return sum(p.numel() for p in self.model.kernel_parameters())
-        return self._progress.kernel_parameters if self._progress is not None else 0
+        if self.model is None:
+            return self._progress.kernel_parameters if self._progress is not None else 0
+        for _ in range(3):  # on a controller thread, a graft may change the modules meanwhile
+            try:
+                return sum(p.numel() for p in self.model.kernel_parameters())
+            except RuntimeError:
+                continue
+        return self._committed_parameters()
 
     def _committed_parameters(self) -> int:
         return sum(params for _, _, params in self._committed.values())

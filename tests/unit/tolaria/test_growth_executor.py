@@ -416,3 +416,35 @@ def test_compile_worker_can_be_a_child_process(library: ArtifactLibrary) -> None
     assert outcomes[-1].grafted == (("0", 0),)
     assert run.executor.worker is None  # no compile thread in this process
     assert process.poll() is not None  # stopped by close()
+
+
+def test_in_process_autonomous_loop_grows_the_model(library: ArtifactLibrary) -> None:
+    from esper.oona import OonaTelemetrySink
+    from esper.tamiyo import BottleneckPolicy, TamiyoController
+
+    bus = InProcessBus()
+    run = _run(library, bus)
+    run.model.telemetry_sink = OonaTelemetrySink(bus, run_id="run-1")
+    safety = SafetyGates(SafetyConfig(cooldown_steps=10_000, max_parameter_fraction=10.0))
+    controller = TamiyoController(
+        bus, BottleneckPolicy(), run_id="run-1", model=run.model, safety=safety, cycle_s=0.02
+    ).start()
+    try:
+        for _ in range(5):
+            run.step()
+            run.model.collect_telemetry()
+        outcomes = run.until(lambda o: bool(o.rewards))
+        outcomes += run.until(lambda o: controller.counters["rewards"] > 0)  # back over the bus
+    finally:
+        controller.stop()
+        run.executor.close()
+
+    decided = {
+        (d.layer_name, d.seed_idx)
+        for d in _drain(bus, Topic.CONTROL_KASMINA_COMMANDS, AdaptationDecision)
+    }
+    grafted = {g for o in outcomes for g in o.grafted}
+    assert grafted and grafted <= decided
+    assert controller.counters["decisions"] == len(decided)
+    assert 1 <= run.executor.counters["received"] <= len(decided)  # the last may be in transit
+    assert controller.counters["cycle_errors"] == 0

@@ -133,9 +133,9 @@ class A2CTrainer:
         grad_norm = clip_gradients(self.policy, cfg.max_grad_norm)
         self.optimizer.step()
         stats = A2CStats(
-            policy_loss=float(losses.policy_loss),
-            value_loss=float(losses.value_loss),
-            entropy=float(losses.entropy),
+            policy_loss=float(losses.policy_loss.detach()),
+            value_loss=float(losses.value_loss.detach()),
+            entropy=float(losses.entropy.detach()),
             explained_variance=explained_variance(data["values"], returns),
             grad_norm=grad_norm,
         )

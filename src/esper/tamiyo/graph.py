@@ -243,18 +243,28 @@ class GraphStructure:
             The observation; ``germinate_mask[i, j]`` is True iff layer ``i`` has a DORMANT seed,
             catalog blueprint ``j`` fits it, and it is not blocked.
         """
+        free, running, has_free = [], [], []
+        for name in self.layer_names:
+            states = list(seed_states.get(name, ()))
+            dormant = states.count(SeedState.DORMANT)
+            free.append(dormant / len(states) if states else 0.0)
+            running.append(float(sum(1 for state in states if state.runs_kernel)))
+            has_free.append(dormant > 0 and name not in blocked)
+        return self._assemble(health, free, running, has_free, globals, step)
+
+    def _assemble(
+        self,
+        health: Mapping[str, LayerHealthSummary],
+        free: list[float],
+        running: list[float],
+        has_free: list[bool],
+        globals: GlobalState | torch.Tensor,
+        step: int,
+    ) -> LayerGraph:
+        """The observation from per-node seed counts (see :meth:`build`)."""
         n = self.num_nodes
         zeros = LayerHealthSummary()
         health_rows = [health.get(name, zeros).as_tuple() for name in self.layer_names]
-        free = [0.0] * n
-        running = [0.0] * n
-        has_free = [False] * n
-        for i, name in enumerate(self.layer_names):
-            states = seed_states.get(name, ())
-            dormant = sum(1 for s in states if s is SeedState.DORMANT)
-            free[i] = dormant / len(states) if states else 0.0
-            running[i] = float(sum(1 for s in states if s.runs_kernel))
-            has_free[i] = dormant > 0 and name not in blocked
         features = self.static_features.clone()
         if n:
             features[:, _HEALTH_COLUMNS] = torch.tensor(health_rows, dtype=torch.float32)
@@ -278,6 +288,9 @@ class GraphStructure:
 
 
 _STRUCTURE_CACHE: weakref.WeakKeyDictionary[nn.Module, GraphStructure] = weakref.WeakKeyDictionary()
+_NODES_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[KasminaLayer, ...]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def graph_structure(model: nn.Module) -> GraphStructure:
@@ -310,11 +323,23 @@ def build_layer_graph(
         blocked: layers closed by a safety gate (names, or a mapping name -> reason).
     """
     structure = graph_structure(model)
-    layers = _layer_map(model)
-    seed_states = {name: layers[name].seed_states for name in structure.layer_names}
-    return structure.build(
-        health, seed_states=seed_states, globals=globals, step=step, blocked=blocked
-    )
+    free, running, has_free = [], [], []
+    for name, layer in zip(structure.layer_names, _nodes(model), strict=True):
+        layout = layer.seed_state
+        dormant = [slot.state for slot in layout.slots].count(SeedState.DORMANT)
+        free.append(dormant / layout.num_seeds)
+        running.append(float(len(layout.running)))
+        has_free.append(dormant > 0 and name not in blocked)
+    return structure._assemble(health, free, running, has_free, globals, step)
+
+
+def _nodes(model: nn.Module) -> tuple[KasminaLayer, ...]:
+    """The seeded layers of ``model`` in node order (cached with the structure)."""
+    nodes = _NODES_CACHE.get(model)
+    if nodes is None:
+        nodes = tuple(_seeded_layers(model))
+        _NODES_CACHE[model] = nodes
+    return nodes
 
 
 def _layer_map(model: nn.Module) -> Mapping[str, KasminaLayer]:

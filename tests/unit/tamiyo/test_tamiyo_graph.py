@@ -190,6 +190,11 @@ def test_mask_requires_compatible_blueprint_free_seed_and_open_gate() -> None:
     assert grown.node_features[1, COL["seeds_free_fraction"]] == 0.0
     assert grown.node_features[1, COL["seeds_running"]] == 1.0
     assert grown.action_mask().tolist() == [True, *grown.germinate_mask.reshape(-1).tolist()]
+    # the remote path (seed states as data) gives the same observation as the in-process one
+    states = {name: model.layer(name).seed_states for name in grown.layer_names}
+    remote = graph_structure(model).build({}, seed_states=states, globals=GlobalState(), step=1)
+    assert torch.equal(remote.node_features, grown.node_features)
+    assert torch.equal(remote.germinate_mask, grown.germinate_mask)
 
 
 def test_structure_is_cached_per_model_and_shared_by_builds() -> None:

@@ -145,7 +145,8 @@ class GrowthSection(Section):
     Decisions are taken synchronously at fixed step intervals and a germinated kernel is grafted
     exactly ``graft_delay`` steps after its decision (the loop waits at that boundary only if the
     background compile has not finished by then), so growth events — and resumed runs — are
-    deterministic in step.
+    deterministic in step. Every compatible catalog blueprint is precompiled for every seeded
+    layer as the run starts, so only the first germinations can find the compiler still busy.
     """
 
     enabled: bool = True
@@ -161,8 +162,14 @@ class GrowthSection(Section):
     """No decision before this step (let the host's health settle)."""
     stop_fraction: float = Field(default=0.8, gt=0, le=1)
     """No germination after this fraction of the run's steps (leave time to train grafts)."""
-    graft_delay: int = Field(default=10, ge=1)
-    """Steps between a GERMINATE decision and its graft (covers the background compile)."""
+    graft_delay: int | None = Field(default=10, ge=1)
+    """Steps between a GERMINATE decision and its graft. The loop waits at that boundary if the
+    background compile has not finished (``executor.stall_ms`` in ``run.json``). ``null``: graft
+    as soon as the kernel is loaded — never waits, but growth then depends on timing and a
+    resumed run is no longer exact."""
+    precompile: bool = True
+    """Queue a compile of every catalog blueprint for every seeded layer when the run starts, so
+    Tezzeret compiles in the background while the host trains and germinations rarely wait."""
     evaluation_steps: int = Field(default=100, ge=1)
     """Steps after a seed turns ACTIVE before it is evaluated (reward; fossilize or cull)."""
     max_seeds: int = Field(default=4, ge=0)
@@ -184,8 +191,10 @@ class UrzaSection(Section):
     """Shared Urza service (``http://host:port``); ``None``: the embedded library."""
     dir: Path | None = None
     """Folder of the embedded library (default ``<run.dir>/urza``, shared by the runs there)."""
-    worker: Literal["thread", "none"] = "thread"
-    """``thread``: compile in a TezzeretWorker thread of this process; ``none``: external workers."""
+    worker: Literal["process", "thread", "none"] = "process"
+    """Who compiles: ``process``, a Tezzeret worker process started for the run (no contention
+    for the interpreter lock); ``thread``, a worker thread in the training process; ``none``,
+    external workers (``esper tezzeret worker``)."""
 
 
 class RunConfig(Section):

@@ -6,15 +6,21 @@
 * ``graftable(step)`` before ``model.step``: which finished kernel loads may join now;
 * ``after_step(step, loss)`` after it: the executor applies decisions (compile in the background,
   load, graft, evaluate, reward, fossilize or cull);
-* ``observe_telemetry(signals)`` every ``growth.telemetry_every`` steps;
+* ``observe_telemetry(step, signals)`` every ``growth.telemetry_every`` steps;
 * ``decide(step)`` every ``growth.decide_every`` steps: the controller decides synchronously.
 
 Everything runs in process and deterministically by default: the controller is called
 synchronously at fixed step intervals (no thread), its decisions are handed to the executor
 directly (and also published on the bus for observers), and the executor grafts each kernel
 exactly ``growth.graft_delay`` steps after its decision, waiting at that boundary only if the
-background compile has not finished by then (counted as ``stall_ms``). The run's growth events are
-then a function of the step alone, which is what makes ``--resume`` exact.
+background compile has not finished by then (counted as ``executor.stall_ms``). The run's growth
+events are then a function of the step alone, which is what makes ``--resume`` exact.
+
+Compiles run in a Tezzeret worker process started before the data and the model are built (or a
+worker thread, ``urza.worker: thread``); every compatible catalog blueprint is queued for every
+seeded layer as training starts (``growth.precompile``), so only germinations decided while the
+worker is still starting up can wait. A monitor thread counts the compile jobs in flight, which
+marks the steps that ran during compiles in the metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from esper.blueprints import is_compatible
 from esper.contracts import AdaptationDecision, BlueprintSpec, HealthSignal, RewardReport
 from esper.core import MorphableModel
 from esper.execution.grafted_kernel import GraftedKernel
@@ -32,6 +39,8 @@ from esper.tamiyo.controller import TamiyoController, load_policy
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
+from esper.tezzeret import find_or_enqueue
+from esper.tolaria.compile_worker import CompileMonitor, TezzeretProcess
 from esper.tolaria.config import GrowthSection, RunConfig
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
 from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
@@ -55,12 +64,16 @@ def blueprint_name(spec: BlueprintSpec | None) -> str | None:
 class GrowthDriver:
     """Owns the growth components of one run and translates their results into metric events.
 
+    A worker process (``urza.worker: process``) is started as soon as the driver is built, before
+    the data and the model, so that its start-up overlaps the run's own.
+
     Args:
         config: the run config (``growth`` and ``urza`` sections are used).
         run_id: the run's id (tags every message).
-        total_steps: the run's length in steps.
         library: the Urza library kernels are found in and compiled into.
         bus: where decisions, refusals and rewards are published for observers.
+        urza_dir: the embedded library's folder (for a worker process).
+        log_dir: where a worker process writes ``tezzeret.log``.
     """
 
     def __init__(
@@ -68,32 +81,31 @@ class GrowthDriver:
         config: RunConfig,
         *,
         run_id: str,
-        total_steps: int,
         library: ArtifactLibrary,
         bus: MessageBus,
+        urza_dir: Path | None = None,
+        log_dir: Path | None = None,
     ) -> None:
         self.settings: GrowthSection = config.growth
         self.run_id = run_id
-        self.total_steps = total_steps
         self.library = library
         self.bus = bus
-        self.compile_in_thread = config.urza.worker == "thread"
-        self.kernel_lr = config.train.kernel_lr or config.train.lr
+        self.worker_mode = config.urza.worker
         self.policy = load_policy(self.settings.policy, seed=config.run.seed)
-        self.safety = SafetyGates(
-            SafetyConfig(
-                cooldown_steps=self.settings.cooldown_steps,
-                window_steps=total_steps + 1,  # the rate limit caps the whole run
-                max_adaptations=self.settings.max_seeds,
-                min_confidence=self.settings.min_confidence,
-                max_parameter_fraction=self.settings.max_parameter_ratio,
-                loss_spike_tolerance=self.settings.loss_spike_ratio - 1.0,
-            )
-        )
+        self.total_steps = 0
+        self.safety: SafetyGates | None = None
         self.controller: TamiyoController | None = None
         self.executor: GrowthExecutor | None = None
         self._losses: list[float] = []
         self._decision_seeds: dict[str, int] = {}
+        self.worker_process: TezzeretProcess | None = None
+        if self.worker_mode == "process":
+            self.worker_process = TezzeretProcess(
+                urza_url=config.urza.url,
+                run_dir=urza_dir,
+                log_path=(log_dir or Path(".")) / "tezzeret.log",
+            )
+        self.monitor = CompileMonitor(library)
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -102,14 +114,32 @@ class GrowthDriver:
         return {"kernel_source": UrzaArtifactSource(self.library)}
 
     def attach(
-        self, model: MorphableModel, *, validate: Callable[[], Mapping[str, float]] | None = None
+        self,
+        model: MorphableModel,
+        *,
+        total_steps: int,
+        validate: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
-        """Create the controller and the executor for ``model`` (its optimizer already attached).
+        """Create the safety gates, the controller and the executor for ``model`` (its optimizer
+        already attached), and queue the precompiles.
 
         Args:
             model: the wrapped model.
+            total_steps: the run's length in steps.
             validate: validation loss (and accuracy) of the model now, for rewards.
         """
+        settings = self.settings
+        self.total_steps = total_steps
+        self.safety = SafetyGates(
+            SafetyConfig(
+                cooldown_steps=settings.cooldown_steps,
+                window_steps=total_steps + 1,  # the rate limit caps the whole run
+                max_adaptations=settings.max_seeds,
+                min_confidence=settings.min_confidence,
+                max_parameter_fraction=settings.max_parameter_ratio,
+                loss_spike_tolerance=settings.loss_spike_ratio - 1.0,
+            )
+        )
         self.controller = TamiyoController(
             self.bus,
             self.policy,
@@ -117,7 +147,7 @@ class GrowthDriver:
             safety=self.safety,
             model=model,
             collector=HealthCollector(None, run_id=self.run_id),
-            total_steps=self.total_steps,
+            total_steps=total_steps,
         )
         self.executor = GrowthExecutor(
             model,
@@ -125,14 +155,27 @@ class GrowthDriver:
             library=self.library,
             bus=self.bus,
             listen=False,  # decisions are handed over directly: no timing dependence
-            compile_worker=self.compile_in_thread,
+            compile_worker=self.worker_mode == "thread",
             safety=self.safety,
-            evaluation_steps=self.settings.evaluation_steps,
+            evaluation_steps=settings.evaluation_steps,
             evaluate=validate,
-            graft_delay_steps=self.settings.graft_delay,
-            total_steps=self.total_steps,
-            progress_every_steps=self.settings.telemetry_every,
+            graft_delay_steps=settings.graft_delay,
+            total_steps=total_steps,
+            progress_every_steps=settings.telemetry_every,
         )
+        if settings.precompile:
+            self._precompile(model)
+
+    def _precompile(self, model: MorphableModel) -> None:
+        """Queue every compatible catalog blueprint for every seeded layer (before step 1)."""
+        queued = 0
+        for name in model.layer_names:
+            target = model.layer(name).target()
+            for option in BLUEPRINT_CATALOG:
+                if is_compatible(option.spec, target):
+                    request = find_or_enqueue(self.library, option.spec, target)
+                    queued += request.job is not None
+        logger.info("queued %d background compiles for %s", queued, self.run_id)
 
     # -- the step boundary -------------------------------------------------------------------------
 
@@ -203,8 +246,10 @@ class GrowthDriver:
         return counts
 
     def compiling(self) -> int:
-        """Germinations waiting for their kernel (compile in flight or lookup)."""
-        return self.executor.compiling() if self.executor is not None else 0
+        """Compiles in flight (as last counted by the monitor thread), or germinations still
+        waiting for their kernel, whichever is larger."""
+        waiting = self.executor.compiling() if self.executor is not None else 0
+        return max(waiting, self.monitor.in_flight)
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -287,6 +332,9 @@ class GrowthDriver:
         """Stop the executor's threads (and the Tezzeret worker), close the bus and the library."""
         if self.executor is not None:
             self.executor.close()
+        if self.worker_process is not None:
+            self.worker_process.stop()
+        self.monitor.stop()
         self.bus.close()
         self.library.close()
 
@@ -318,13 +366,21 @@ def _reward_event(report: RewardReport, step: int) -> Event:
     }
 
 
-def build_growth(config: RunConfig, *, run_id: str, total_steps: int) -> GrowthDriver:
+def build_growth(config: RunConfig, *, run_id: str, log_dir: Path | None = None) -> GrowthDriver:
     """The growth components a run config asks for: embedded Urza (``<run.dir>/urza`` unless
     ``urza.dir``/``urza.url`` say otherwise) and the bus at ``growth.bus``."""
+    folder: Path | None = None
     if config.urza.url is not None:
         library = open_library(config.urza.url)
     else:
         folder = config.urza.dir or Path(config.run.dir) / "urza"
         library = open_library(run_dir=folder)
     bus = open_bus(config.growth.bus)
-    return GrowthDriver(config, run_id=run_id, total_steps=total_steps, library=library, bus=bus)
+    return GrowthDriver(
+        config,
+        run_id=run_id,
+        library=library,
+        bus=bus,
+        urza_dir=folder,
+        log_dir=log_dir,
+    )

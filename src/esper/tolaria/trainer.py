@@ -183,43 +183,49 @@ def train(
     else:
         folder = RunFolder.create(config.run.dir, config.run.id or new_run_id(config.run.name))
         folder.config_path.write_text(config.to_yaml())
-    data, x_val, y_val = build_data(config)
-    regression = data.is_regression
-    batch_size = config.data.batch_size
-    steps_per_epoch = -(-len(data.x_train) // batch_size)
-    total_steps = steps_per_epoch * config.train.epochs
-
     growth: GrowthDriver | None = None
-    if config.growth.enabled:
-        growth = build_growth(config, run_id=folder.run_id, total_steps=total_steps)
-    model = build_model(config, data, **(growth.wrap_options() if growth else {}))
-    optimizer = build_optimizer(config.train, model)
-    if growth is not None:
-
-        def validate() -> dict[str, float]:
-            loss, score = evaluate(model, x_val, y_val, regression=regression)
-            return {"loss": loss, "accuracy": score} if not regression else {"loss": loss}
-
-        growth.attach(model, validate=validate if len(x_val) else None)
-    data_order = torch.Generator().manual_seed(config.run.seed)
-    metrics = MetricsLog(folder.metrics_path)
-
-    start_epoch = 0
-    wall_before = 0.0
-    if resume is not None and (checkpoints := folder.checkpoints()):
-        epoch, path = checkpoints[-1]
-        checkpoint = load_checkpoint(path)
-        model.load_state_dict(checkpoint.model)  # re-grafts the kernels -> their optimizer groups
-        restore_optimizer(optimizer, checkpoint)
-        restore_rng(checkpoint, data_order)
+    if config.growth.enabled:  # first: a compile worker process starts up meanwhile
+        growth = build_growth(config, run_id=folder.run_id, log_dir=folder.path)
+    try:
+        data, x_val, y_val = build_data(config)
+        regression = data.is_regression
+        batch_size = config.data.batch_size
+        steps_per_epoch = -(-len(data.x_train) // batch_size)
+        total_steps = steps_per_epoch * config.train.epochs
+        model = build_model(config, data, **(growth.wrap_options() if growth else {}))
+        optimizer = build_optimizer(config.train, model)
         if growth is not None:
-            growth.load_state_dict(checkpoint.growth)
-        metrics.truncate(checkpoint.metrics_position)
-        start_epoch = checkpoint.epoch
-        wall_before = float(checkpoint.extra.get("wall_seconds", 0.0))
-        logger.info("resumed %s from epoch %d (step %d)", folder.run_id, epoch, checkpoint.step)
-    elif resume is not None:
-        metrics.truncate(0)  # interrupted before its first checkpoint: start over
+
+            def validate() -> dict[str, float]:
+                loss, score = evaluate(model, x_val, y_val, regression=regression)
+                return {"loss": loss, "accuracy": score} if not regression else {"loss": loss}
+
+            growth.attach(model, total_steps=total_steps, validate=validate if len(x_val) else None)
+        data_order = torch.Generator().manual_seed(config.run.seed)
+        metrics = MetricsLog(folder.metrics_path)
+
+        start_epoch = 0
+        wall_before = 0.0
+        if resume is not None and (checkpoints := folder.checkpoints()):
+            epoch, path = checkpoints[-1]
+            checkpoint = load_checkpoint(path)
+            model.load_state_dict(
+                checkpoint.model
+            )  # re-grafts the kernels -> their optimizer groups
+            restore_optimizer(optimizer, checkpoint)
+            restore_rng(checkpoint, data_order)
+            if growth is not None:
+                growth.load_state_dict(checkpoint.growth)
+            metrics.truncate(checkpoint.metrics_position)
+            start_epoch = checkpoint.epoch
+            wall_before = float(checkpoint.extra.get("wall_seconds", 0.0))
+            logger.info("resumed %s from epoch %d (step %d)", folder.run_id, epoch, checkpoint.step)
+        elif resume is not None:
+            metrics.truncate(0)  # interrupted before its first checkpoint: start over
+    except BaseException:  # setup failed: stop the compile worker it may have started
+        if growth is not None:
+            growth.close()
+        raise
 
     layer_seeds = {name: model.layer(name).num_seeds for name in model.layer_names}
     initial_parameters = sum(p.numel() for p in model.base_parameters())
@@ -259,6 +265,7 @@ def train(
             order = torch.randperm(len(data.x_train), generator=data_order)
             epoch_loss = torch.zeros(())
             for start in range(0, len(order), batch_size):
+                compiling = growth.compiling() if growth else 0  # in flight as the step starts
                 tic = time.perf_counter()
                 batch = order[start : start + batch_size]
                 # -- one training step ------------------------------------------------------
@@ -302,7 +309,7 @@ def train(
                         step_time_ms=step_ms,
                         parameters=parameters,
                         seeds=counts,
-                        compiling=growth.compiling() if growth else 0,
+                        compiling=max(compiling, growth.compiling()) if growth else 0,
                     )
                 observer.on_step(step=step, loss=loss_value, seeds=counts)
 

@@ -12,6 +12,7 @@ unfinished run. Plots (matplotlib, Agg backend):
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,8 @@ from typing import Any
 
 from esper.tolaria.metrics import read_metrics
 from esper.tolaria.run_folder import RunFolder, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = 5
 """First steps left out of step-time statistics (allocator and cache warm-up)."""
@@ -369,17 +372,26 @@ def write_report(path: str | Path, *, compare: Sequence[str | Path] = ()) -> Pat
     folder.plots_dir.mkdir(exist_ok=True)
     last_step = steps[-1]["step"] if steps else 0
     layer_seeds = {str(k): int(v) for k, v in info.get("layer_seeds", {}).items()}
-    plot_loss_score(folder.plots_dir / "loss_score.png", steps, epochs, grafts, summary.score_name)
-    plot_seed_timeline(
-        folder.plots_dir / "seed_timeline.png", by_type["seed"], layer_seeds, last_step
-    )
-    plot_parameters(folder.plots_dir / "parameters.png", steps, grafts)
-    plot_step_time(folder.plots_dir / "step_time.png", steps)
+    try:
+        plots = folder.plots_dir
+        plot_loss_score(plots / "loss_score.png", steps, epochs, grafts, summary.score_name)
+        plot_seed_timeline(plots / "seed_timeline.png", by_type["seed"], layer_seeds, last_step)
+        plot_parameters(plots / "parameters.png", steps, grafts)
+        plot_step_time(plots / "step_time.png", steps)
+        missing_plots = ""
+    except ImportError:
+        logger.warning(
+            "report of %s written without plots: matplotlib is not installed "
+            "(pip install 'esper-morphogenetic[report]')",
+            folder.run_id,
+        )
+        missing_plots = "Plots need matplotlib: `pip install 'esper-morphogenetic[report]'`."
 
     name = summary.score_name
     lines = [
         f"# Run {folder.run_id}",
         "",
+        *([missing_plots, ""] if missing_plots else []),
         f"- status: **{info.get('status', 'unknown')}**, {summary.epochs} epochs, "
         f"{summary.steps} steps, {summary.wall_seconds:.1f} s",
         f"- dataset: {summary.dataset}; host: {summary.host}; policy: {summary.policy or '-'}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,16 @@ def test_list_runs_reads_every_run_folder(tmp_path: Path) -> None:
     assert [(r.run_id, r.status, r.dataset, r.epoch, r.test_score) for r in rows] == [
         ("fake-run", "completed", "digits", 2, 0.9)
     ]
+
+
+def test_without_matplotlib_the_report_has_the_tables_and_says_how_to_get_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    folder = _fake_run(tmp_path)
+
+    text = write_report(folder.path).read_text()
+
+    assert "pip install 'esper-morphogenetic[report]'" in text
+    assert "| **final** | **140** | **0.9000** | 0.4000 |" in text
+    assert list(folder.plots_dir.glob("*.png")) == []

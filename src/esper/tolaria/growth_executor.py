@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from esper.contracts import (
     AdaptationAction,
@@ -239,6 +240,9 @@ class GrowthExecutor:
         self._closing = threading.Event()
         self._resolver = ThreadPoolExecutor(max_workers=2, thread_name_prefix="esper-kernels")
         self._base_parameters = sum(p.numel() for p in model.base_parameters())
+        self._kernel_parameters = sum(p.numel() for p in model.kernel_parameters())
+        model.on_kernel_grafted(self._count_kernel(+1))  # kept current without a model walk
+        model.on_kernel_removed(self._count_kernel(-1))
         if optimizer is not None:
             model.attach_optimizer(optimizer, **dict(optimizer_options or {}))
         self.worker: TezzeretWorker | None = None
@@ -252,6 +256,12 @@ class GrowthExecutor:
         if bus is not None and listen:
             self._inbox = _CommandInbox(bus, group=group, consumer=consumer)
         self._publish(TOPOLOGY_TOPIC, ModelTopology.from_model(model, run_id=run_id))
+
+    def _count_kernel(self, sign: int) -> Callable[[str, int, nn.Module], None]:
+        def count(layer_name: str, seed_idx: int, module: nn.Module) -> None:
+            self._kernel_parameters += sign * sum(p.numel() for p in module.parameters())
+
+        return count
 
     # -- receiving decisions -------------------------------------------------------------------
 
@@ -668,7 +678,7 @@ class GrowthExecutor:
                 total_steps=self.total_steps,
                 loss=sum(finite) / len(finite) if finite else None,
                 base_parameters=self._base_parameters,
-                kernel_parameters=sum(p.numel() for p in self.model.kernel_parameters()),
+                kernel_parameters=self._kernel_parameters,
             ),
         )
 

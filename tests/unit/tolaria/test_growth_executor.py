@@ -111,9 +111,11 @@ def _germinate(layer: str = "0", *, step: int = 0, seed_idx: int = 0) -> Adaptat
 
 def _drain(bus: InProcessBus, topic: str, contract: type) -> list:  # type: ignore[type-arg]
     subscription = bus.subscribe(topic, "test", "t")
-    deliveries = subscription.poll(100)
-    subscription.ack(*deliveries)
-    return [d.decode(contract) for d in deliveries]
+    messages = []
+    while deliveries := subscription.poll(1000):
+        subscription.ack(*deliveries)
+        messages += [d.decode(contract) for d in deliveries]
+    return messages
 
 
 def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
@@ -135,7 +137,7 @@ def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
         )
         return validation[-1]
 
-    run = _run(library, bus, evaluate=evaluate)
+    run = _run(library, bus, evaluate=evaluate, progress_every_steps=1)
     decision = _germinate()
     run.executor.submit(decision)
 
@@ -183,6 +185,10 @@ def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
         sum(report.weights[k] * v for k, v in report.components.items())
     )
     assert run.executor.counters["germinated"] == 1 and run.executor.counters["fossilized"] == 1
+    progress = _drain(bus, PROGRESS_TOPIC, TrainingProgress)
+    assert progress[-1].step == outcomes[-1].step
+    assert progress[-1].kernel_parameters == kernel_params  # counted on graft, not by a walk
+    assert progress[0].kernel_parameters == 0
 
 
 def test_a_decision_is_applied_once_however_often_it_arrives(library: ArtifactLibrary) -> None:
@@ -404,6 +410,7 @@ def test_topology_and_progress_are_published_for_a_remote_controller(
     assert progress[0].base_parameters == sum(p.numel() for p in run.model.base_parameters())
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: seconds to tens of seconds
 def test_compile_worker_can_be_a_child_process(library: ArtifactLibrary) -> None:
     run = _run(library, compile_worker="process")
     process = run.executor._worker_process

@@ -461,23 +461,27 @@ class TamiyoController:
             uncertainty=max(0.0, output.uncertainty),
             reason=f"{option.name}: +{proposal.added_parameters} parameters",
         )
+        if not self._publish(Topic.CONTROL_KASMINA_COMMANDS, decision):
+            return CycleResult(step, output, graph)  # never sent: as if the policy had waited
         self.safety.record_adaptation(step, layer)
         self._committed[decision.decision_id] = (layer, step, proposal.added_parameters)
         self._reserved[decision.decision_id] = (layer, seed_idx, step)
         self.adaptations += 1
         self.counters["decisions"] += 1
         logger.info("decided %s on %r seed %d at step %d", option.name, layer, seed_idx, step)
-        self._publish(Topic.CONTROL_KASMINA_COMMANDS, decision)
         return CycleResult(step, output, graph, decision=decision)
 
-    def _publish(self, topic: Topic, message: Contract) -> None:
+    def _publish(self, topic: Topic, message: Contract) -> bool:
+        """Publish on the bus (if any); ``False`` when the bus could not be reached."""
         if self.bus is None:
-            return
+            return True
         try:
             self.bus.publish(topic, message)
         except BusUnavailableError as exc:
             self.counters["publish_errors"] += 1
             logger.warning("controller: could not publish on %s: %s", topic, exc)
+            return False
+        return True
 
     # -- observations --------------------------------------------------------------------------
 

@@ -470,3 +470,19 @@ def test_importing_tamiyo_and_the_executor_does_not_import_optional_backends() -
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_decision_the_bus_did_not_take_is_not_counted() -> None:
+    bus = InProcessBus()
+    safety = SafetyGates(SafetyConfig(max_parameter_fraction=10.0))
+    controller = TamiyoController(
+        bus, BottleneckPolicy(), run_id="r", model=_model(), safety=safety
+    )
+    controller.observe_telemetry(_signals(10, {"2": math.exp(6.0)}))
+    bus.close()
+
+    result = controller.decide(10)
+
+    assert result.decision is None and not result.output.action.is_wait
+    assert controller.counters["publish_errors"] == 1 and controller.adaptations == 0
+    assert safety.cooldown_until("2") == 0 and controller.state_dict()["committed"] == {}

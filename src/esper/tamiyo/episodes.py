@@ -68,7 +68,7 @@ class EpisodeConfig:
         reward_weights: weights of the episode's reward.
     """
 
-    warmup_steps: int = 100
+    warmup_steps: int = 150
     decisions: int = 1
     decision_every: int = 50
     steps_after: int = 150

@@ -11,8 +11,11 @@ and — for the synthetic task — the layer whose limitation growth should reli
   non-linearity exactly there. A kernel grafted on ``branches.b`` (a residual MLP reading the same
   group) can represent what is missing; a kernel elsewhere cannot, because no other layer sees
   that group before the ``tanh``. The missing block also carries most of the target's variance,
-  so the student's bottleneck branch works hardest: its output spread and its gradient norm are
-  the largest — the health signal a policy has to read (it is not marked in any other way).
+  so the student's bottleneck branch works hardest and its output spreads widest — the health
+  signal a policy has to read (nothing else marks it). Measured at the decision step of the
+  default episode (150 steps, 60 held-out instances): the bottleneck branch has the largest
+  smoothed ``output_std`` of the branches in 98% of instances and the largest gradient norm in
+  62%; with only 100 warm-up steps, 80% and 50%.
 * :class:`DigitsTask` — scikit-learn's 8x8 digits with a small MLP (no known bottleneck).
 * :class:`MNIST1DTask` — MNIST-1D generated offline with a small MLP (no known bottleneck).
 """
@@ -111,7 +114,7 @@ class BottleneckTask:
     group: int = 4
     width: int = 8
     block_hidden: int = 32
-    block_scale: float = 2.0
+    block_scale: float = 3.0
     train_examples: int = 1024
     val_examples: int = 1024
     bottleneck: int | None = None

@@ -35,7 +35,7 @@ from esper.tamiyo.growth_tasks import BottleneckTask, GrowthTask
 from esper.tamiyo.observation import GrowthPolicy
 from esper.tamiyo.policy import GNNPolicy, GNNPolicyConfig
 from esper.tamiyo.ppo import PPOConfig, PPOStats, PPOTrainer
-from esper.tamiyo.reward import RewardWeights
+from esper.tamiyo.reward import ComponentCorrelation, RewardWeights, correlate_components
 from esper.tamiyo.rollout import RolloutBuffer
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,13 @@ def evaluate_policy(
         mean_added_parameters=_mean([float(r.added_parameters) for r in results]),
         results=results,
     )
+
+
+def reward_correlations(results: Sequence[EpisodeResult]) -> dict[str, ComponentCorrelation]:
+    """How each reward component (and the total) tracked the final validation loss over episodes
+    (Pearson and Spearman; a useful component correlates negatively)."""
+    components = [{**r.reward.components, "total": r.reward.total} for r in results]
+    return correlate_components(components, [r.val_loss_final for r in results])
 
 
 @dataclass

@@ -159,15 +159,16 @@ def test_bottleneck_branch_shows_the_largest_output_spread() -> None:
     config = EpisodeConfig(steps_after=0)
     std = NODE_FEATURES.index("output_std")
     hits = 0
-    for seed in range(20):
+    for seed in range(12):
         result = run_episode(task, ScriptedPolicy(None), seed=seed, config=config)
         graph = result.transitions[0].graph
         branches = [i for i, name in enumerate(graph.layer_names) if name.startswith("branches")]
         top = max(branches, key=lambda i: float(graph.node_features[i, std]))
         hits += graph.layer_names[top] == result.bottleneck
-    assert hits >= 17
+    assert hits >= 10
 
 
+@pytest.mark.slow
 def test_a_kernel_at_the_bottleneck_relieves_it_best() -> None:
     task = BottleneckTask()
     for seed in (0, 1, 2):

@@ -307,7 +307,7 @@ def _runs(args: argparse.Namespace) -> int:
     rows = list_runs(args.dir)
     table = Table(title=f"runs in {args.dir} ({len(rows)})")
     for column in ("run", "status", "data", "host", "epoch", "test score", "params", "seeds"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("run", "status"))
     for row in rows:
         score = f"{row.test_score:.4f} {row.score_name}" if row.test_score is not None else "-"
         table.add_row(

@@ -47,6 +47,7 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "growth.graft_delay=4",
         "growth.evaluation_steps=10",
         "growth.max_parameter_ratio=5",
+        "urza.worker=process",  # the compile worker as a child process of the run
         cwd=root,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -68,6 +69,9 @@ def test_the_run_folder_has_config_metrics_checkpoints_and_report(run_folder: Pa
     assert info["test_score"] == epochs[-1]["test_score"] > 0.5
     assert info["summary"]["grafts"] >= 1
     assert info["summary"]["final_parameters"] > info["initial_parameters"]
+    assert info["warm_up_seconds"] > 0  # the run waited for its precompiles before step 1
+    assert info["growth_counters"].get("executor.stall_ms", 0) == 0
+    assert "compiled residual_mlp" in (run_folder / "tezzeret.log").read_text()
     checkpoints = sorted(p.name for p in (run_folder / "checkpoints").iterdir())
     assert checkpoints == ["epoch-0001", "epoch-0002", "epoch-0003"]
     tensors = torch.load(

@@ -146,7 +146,8 @@ class GrowthSection(Section):
     exactly ``graft_delay`` steps after its decision (the loop waits at that boundary only if the
     background compile has not finished by then), so growth events — and resumed runs — are
     deterministic in step. Every compatible catalog blueprint is precompiled for every seeded
-    layer as the run starts, so only the first germinations can find the compiler still busy.
+    layer before training starts (``precompile``, ``warm_start``), so germinations find their
+    kernels compiled.
     """
 
     enabled: bool = True
@@ -168,8 +169,12 @@ class GrowthSection(Section):
     as soon as the kernel is loaded — never waits, but growth then depends on timing and a
     resumed run is no longer exact."""
     precompile: bool = True
-    """Queue a compile of every catalog blueprint for every seeded layer when the run starts, so
-    Tezzeret compiles in the background while the host trains and germinations rarely wait."""
+    """Queue a compile of every catalog blueprint for every seeded layer when the run starts."""
+    warm_start: bool = True
+    """Wait before step 1 until the queued compiles (or one warm-up compile) are done: the
+    compiler's cold start (``torch.export``'s first use, a worker process's start-up) is then paid
+    before training instead of at the first germination's due boundary. ``false``: they compile
+    in the background during the first steps."""
     evaluation_steps: int = Field(default=100, ge=1)
     """Steps after a seed turns ACTIVE before it is evaluated (reward; fossilize or cull)."""
     max_seeds: int = Field(default=4, ge=0)
@@ -191,10 +196,11 @@ class UrzaSection(Section):
     """Shared Urza service (``http://host:port``); ``None``: the embedded library."""
     dir: Path | None = None
     """Folder of the embedded library (default ``<run.dir>/urza``, shared by the runs there)."""
-    worker: Literal["process", "thread", "none"] = "process"
-    """Who compiles: ``process``, a Tezzeret worker process started for the run (no contention
-    for the interpreter lock); ``thread``, a worker thread in the training process; ``none``,
-    external workers (``esper tezzeret worker``)."""
+    worker: Literal["thread", "process", "none"] = "thread"
+    """Who compiles: ``thread``, a Tezzeret worker thread in the training process (ready within
+    about a second); ``process``, a worker process started with the run (no contention for the
+    interpreter lock, but it takes seconds to start, which the first grafts may wait for);
+    ``none``, external workers (``esper tezzeret worker``)."""
 
 
 class RunConfig(Section):

@@ -16,22 +16,31 @@ exactly ``growth.graft_delay`` steps after its decision, waiting at that boundar
 background compile has not finished by then (counted as ``executor.stall_ms``). The run's growth
 events are then a function of the step alone, which is what makes ``--resume`` exact.
 
-Compiles run in a Tezzeret worker process started before the data and the model are built (or a
-worker thread, ``urza.worker: thread``); every compatible catalog blueprint is queued for every
-seeded layer as training starts (``growth.precompile``), so only germinations decided while the
-worker is still starting up can wait. A monitor thread counts the compile jobs in flight, which
+Compiles run in a Tezzeret worker thread (``urza.worker: thread``) or in a worker process started
+before the data and the model are built (``process``). Every compatible catalog blueprint is
+queued for every seeded layer before training starts (``growth.precompile``) and, with
+``growth.warm_start``, the run waits for them before step 1, so a germination never waits for a
+cold compiler at its due boundary. A monitor thread counts the compile jobs in flight, which
 marks the steps that ran during compiles in the metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from esper.blueprints import is_compatible
-from esper.contracts import AdaptationDecision, BlueprintSpec, HealthSignal, RewardReport
+from esper.contracts import (
+    AdaptationDecision,
+    BlueprintSpec,
+    CompileJobStatus,
+    DecisionRefusal,
+    HealthSignal,
+    RewardReport,
+)
 from esper.core import MorphableModel
 from esper.execution.grafted_kernel import GraftedKernel
 from esper.oona import MessageBus, open_bus
@@ -98,6 +107,7 @@ class GrowthDriver:
         self.executor: GrowthExecutor | None = None
         self._losses: list[float] = []
         self._decision_seeds: dict[str, int] = {}
+        self._queued_jobs: list[str] = []
         self.worker_process: TezzeretProcess | None = None
         if self.worker_mode == "process":
             self.worker_process = TezzeretProcess(
@@ -168,14 +178,47 @@ class GrowthDriver:
 
     def _precompile(self, model: MorphableModel) -> None:
         """Queue every compatible catalog blueprint for every seeded layer (before step 1)."""
-        queued = 0
         for name in model.layer_names:
             target = model.layer(name).target()
             for option in BLUEPRINT_CATALOG:
                 if is_compatible(option.spec, target):
                     request = find_or_enqueue(self.library, option.spec, target)
-                    queued += request.job is not None
-        logger.info("queued %d background compiles for %s", queued, self.run_id)
+                    if request.job is not None:
+                        self._queued_jobs.append(request.job.job_id)
+        logger.info("queued %d background compiles for %s", len(self._queued_jobs), self.run_id)
+
+    def warm_up(self, model: MorphableModel, *, timeout_s: float = 300.0) -> float:
+        """Wait, before step 1, until the compiles queued so far have finished (with
+        ``growth.precompile: false``, one warm-up compile is queued for it); return the seconds.
+
+        The first compile of a process pays for ``torch.export``'s start-up (and a worker process
+        for its own); waiting for it here keeps that out of the training steps: no germination
+        then waits at its due boundary for a cold compiler.
+        """
+        if not self._queued_jobs:
+            name = model.layer_names[0]
+            target = model.layer(name).target()
+            option = next(o for o in BLUEPRINT_CATALOG if is_compatible(o.spec, target))
+            request = find_or_enqueue(self.library, option.spec, target)
+            if request.job is not None:
+                self._queued_jobs.append(request.job.job_id)
+        started = time.perf_counter()
+        pending = list(self._queued_jobs)
+        while pending and time.perf_counter() - started < timeout_s:
+            done = {CompileJobStatus.SUCCEEDED, CompileJobStatus.FAILED}
+            pending = [j for j in pending if self.library.get_job(j).status not in done]
+            if pending:
+                time.sleep(0.05)
+        waited = time.perf_counter() - started
+        if pending:
+            logger.warning(
+                "%d compile jobs still pending after %.0f s; training starts anyway (is a "
+                "Tezzeret worker running?)",
+                len(pending),
+                waited,
+            )
+        self._queued_jobs = []
+        return waited
 
     # -- the step boundary -------------------------------------------------------------------------
 
@@ -221,18 +264,7 @@ class GrowthDriver:
             self._decision_seeds[result.decision.decision_id] = result.decision.seed_idx
             return [_decision_event(result.decision)]
         if result.refusal is not None:
-            refusal = result.refusal
-            return [
-                {
-                    "type": "refusal",
-                    "step": refusal.step,
-                    "action": str(refusal.action),
-                    "layer": refusal.layer_name,
-                    "gate": refusal.gate,
-                    "reason": refusal.reason,
-                    "policy": refusal.policy,
-                }
-            ]
+            return [_refusal_event(result.refusal)]
         return []
 
     def counters(self) -> dict[str, int]:
@@ -284,18 +316,7 @@ class GrowthDriver:
                     "decision_id": report.decision_id,
                 }
             )
-        for refusal in outcome.refusals:
-            events.append(
-                {
-                    "type": "refusal",
-                    "step": refusal.step,
-                    "action": str(refusal.action),
-                    "layer": refusal.layer_name,
-                    "gate": refusal.gate,
-                    "reason": refusal.reason,
-                    "policy": refusal.policy,
-                }
-            )
+        events += [_refusal_event(refusal) for refusal in outcome.refusals]
         return events
 
     def _blueprint_of(self, layer: str, seed: int) -> str | None:
@@ -351,6 +372,18 @@ def _decision_event(decision: AdaptationDecision) -> Event:
         "confidence": decision.confidence,
         "uncertainty": decision.uncertainty,
         "decision_id": decision.decision_id,
+    }
+
+
+def _refusal_event(refusal: DecisionRefusal) -> Event:
+    return {
+        "type": "refusal",
+        "step": refusal.step,
+        "action": str(refusal.action),
+        "layer": refusal.layer_name,
+        "gate": refusal.gate,
+        "reason": refusal.reason,
+        "policy": refusal.policy,
     }
 
 

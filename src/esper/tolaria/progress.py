@@ -128,6 +128,8 @@ class RichProgress:
         traceback: TracebackType | None,
     ) -> None:
         self._live.stop()
+        if not self.console.is_terminal:  # the final frame ends without a line break there
+            self.console.line()
 
     def on_start(self, *, run_id: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
         """Size the bars."""

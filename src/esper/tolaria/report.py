@@ -12,7 +12,9 @@ unfinished run. Plots (matplotlib, Agg backend):
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,10 +51,20 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+CONTROL_WINDOW = 50
+"""Steps without a compile within this many steps of a compiling step form the control group."""
+
+
 @dataclass(frozen=True)
 class StepTimeStats:
-    """Step-time statistics of a run (milliseconds); ``compiling`` covers steps that ran while
-    a background compile was in flight."""
+    """Step-time statistics of a run, in milliseconds.
+
+    ``compiling`` covers the steps that ran while a background compile was in flight (a wait at a
+    due boundary included); ``control`` the steps without one within :data:`CONTROL_WINDOW` steps
+    of them — the same model at the same time of the run, so slow drift (a grown model's steps
+    get longer, a shared machine's load changes) cancels. The control's own p99/median is the
+    noise floor a compile's effect must be read against.
+    """
 
     steps: int
     median_ms: float
@@ -60,6 +72,9 @@ class StepTimeStats:
     compiling_steps: int
     compiling_median_ms: float
     compiling_p99_ms: float
+    control_steps: int = 0
+    control_median_ms: float = float("nan")
+    control_p99_ms: float = float("nan")
 
     @property
     def p99_over_median(self) -> float:
@@ -68,21 +83,37 @@ class StepTimeStats:
 
     @property
     def compiling_p99_over_median(self) -> float:
-        """p99 of the steps run during compiles / median of all steps (the disruption ratio)."""
-        if not self.compiling_steps or not self.median_ms:
+        """p99 of the steps run during compiles / median of the control steps (the disruption)."""
+        if not self.compiling_steps or not self.control_steps:
             return float("nan")
-        return self.compiling_p99_ms / self.median_ms
+        return self.compiling_p99_ms / self.control_median_ms
+
+    @property
+    def compiling_median_over_control_median(self) -> float:
+        """Median of the steps run during compiles / median of the control steps."""
+        if not self.compiling_steps or not self.control_steps:
+            return float("nan")
+        return self.compiling_median_ms / self.control_median_ms
+
+    @property
+    def control_p99_over_median(self) -> float:
+        """p99 / median of the control steps: the noise floor of the disruption ratio."""
+        if not self.control_steps:
+            return float("nan")
+        return self.control_p99_ms / self.control_median_ms
 
 
 def step_time_stats(step_records: Iterable[Mapping[str, Any]]) -> StepTimeStats:
     """Step-time statistics of ``step`` records (the first :data:`WARMUP_STEPS` left out)."""
-    times, compiling = [], []
-    for record in step_records:
-        if record["step"] <= WARMUP_STEPS or record.get("step_time_ms") is None:
-            continue
-        times.append(record["step_time_ms"])
-        if record.get("compiling"):
-            compiling.append(record["step_time_ms"])
+    timed = [
+        (int(r["step"]), float(r["step_time_ms"]), bool(r.get("compiling")))
+        for r in step_records
+        if r["step"] > WARMUP_STEPS and r.get("step_time_ms") is not None
+    ]
+    times = [t for _, t, _ in timed]
+    compiling = [t for _, t, busy in timed if busy]
+    busy_steps = [step for step, _, busy in timed if busy]
+    control = [t for step, t, busy in timed if not busy and _near(step, busy_steps, CONTROL_WINDOW)]
     return StepTimeStats(
         steps=len(times),
         median_ms=statistics.median(times) if times else float("nan"),
@@ -90,7 +121,17 @@ def step_time_stats(step_records: Iterable[Mapping[str, Any]]) -> StepTimeStats:
         compiling_steps=len(compiling),
         compiling_median_ms=statistics.median(compiling) if compiling else float("nan"),
         compiling_p99_ms=percentile(compiling, 99),
+        control_steps=len(control),
+        control_median_ms=statistics.median(control) if control else float("nan"),
+        control_p99_ms=percentile(control, 99),
     )
+
+
+def _near(step: int, sorted_steps: Sequence[int], window: int) -> bool:
+    """Whether some entry of ``sorted_steps`` is within ``window`` of ``step``."""
+    index = bisect.bisect_left(sorted_steps, step)
+    neighbours = sorted_steps[max(0, index - 1) : index + 1]
+    return any(abs(step - other) <= window for other in neighbours)
 
 
 @dataclass
@@ -347,7 +388,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits}f}" if math.isfinite(value) else "-"
     return str(value)
 
 
@@ -443,12 +484,19 @@ def write_report(path: str | Path, *, compare: Sequence[str | Path] = ()) -> Pat
     stats = summary.step_time
     if stats is not None:
         lines += [
-            "| steps | median ms | p99 ms | p99/median | steps during compiles | their p99 ms | "
-            "their p99 / median of all |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"Compile disruption: the p99 of the {stats.compiling_steps} steps that ran while a "
+            f"compile was in flight, over the median of the {stats.control_steps} steps around "
+            f"them without one: **{_fmt(stats.compiling_p99_over_median, 2)}** (noise floor, the "
+            f"same ratio for those control steps: {_fmt(stats.control_p99_over_median, 2)}); "
+            f"median over median: {_fmt(stats.compiling_median_over_control_median, 2)}.",
+            "",
+            "| steps | median ms | p99 ms | compiling: steps, median, p99 ms | "
+            "control: steps, median, p99 ms |",
+            "|---:|---:|---:|---:|---:|",
             f"| {stats.steps} | {stats.median_ms:.3f} | {stats.p99_ms:.3f} | "
-            f"{stats.p99_over_median:.2f} | {stats.compiling_steps} | "
-            f"{_fmt(stats.compiling_p99_ms, 3)} | {_fmt(stats.compiling_p99_over_median, 2)} |",
+            f"{stats.compiling_steps}, {_fmt(stats.compiling_median_ms, 3)}, "
+            f"{_fmt(stats.compiling_p99_ms, 3)} | {stats.control_steps}, "
+            f"{_fmt(stats.control_median_ms, 3)}, {_fmt(stats.control_p99_ms, 3)} |",
             "",
         ]
     lines += ["![step time](plots/step_time.png)", ""]

@@ -12,12 +12,17 @@ What one step does, in order (see :func:`train`)::
     model.step(graftable=...)        step boundary: graft the kernels due now, ramp alphas
     growth.after_step(step, loss)    apply Tamiyo's decisions: compile (background), load,
                                      evaluate grafts, reward, fossilize or cull
-    every telemetry_every steps:     model.collect_telemetry() -> Oona -> Tamiyo's health
+    every telemetry_every steps:     model.collect_telemetry() -> Tamiyo's health collector
     every decide_every steps:        growth.decide(step): Tamiyo decides, synchronously
+
+and every epoch: evaluate on the test split, write the epoch record, save a checkpoint.
 
 Growth is deterministic in step: decisions happen at fixed step intervals and a kernel is grafted
 exactly ``growth.graft_delay`` steps after its decision (see :mod:`esper.tolaria.growth`), so a
-run resumed from a checkpoint repeats the uninterrupted run bit for bit.
+run resumed from a checkpoint repeats the uninterrupted run bit for bit: weights, optimizer
+state, data order and every metric except the timings. (Torch's global RNG is restored too, but
+the background kernel-cache and compile threads draw from it; a host that uses it while training,
+e.g. for dropout, would not resume exactly.)
 """
 
 from __future__ import annotations
@@ -209,9 +214,8 @@ def train(
         if resume is not None and (checkpoints := folder.checkpoints()):
             epoch, path = checkpoints[-1]
             checkpoint = load_checkpoint(path)
-            model.load_state_dict(
-                checkpoint.model
-            )  # re-grafts the kernels -> their optimizer groups
+            # a fresh wrap re-grafts the checkpoint's kernels, which re-adds their optimizer groups
+            model.load_state_dict(checkpoint.model)
             restore_optimizer(optimizer, checkpoint)
             restore_rng(checkpoint, data_order)
             if growth is not None:
@@ -222,6 +226,8 @@ def train(
             logger.info("resumed %s from epoch %d (step %d)", folder.run_id, epoch, checkpoint.step)
         elif resume is not None:
             metrics.truncate(0)  # interrupted before its first checkpoint: start over
+        if growth is not None and config.growth.warm_start:
+            folder.write_info(warm_up_seconds=growth.warm_up(model))  # before step 1: no stall
     except BaseException:  # setup failed: stop the compile worker it may have started
         if growth is not None:
             growth.close()

@@ -46,7 +46,22 @@ def test_step_time_stats_skip_warmup_and_separate_compile_steps() -> None:
     assert stats.steps == 10 and stats.compiling_steps == 2
     assert stats.median_ms == 10.0
     assert stats.compiling_p99_ms == pytest.approx(12.0 + 2.0 * 0.99)
+    assert (stats.control_steps, stats.control_median_ms) == (8, 10.0)
     assert stats.compiling_p99_over_median == pytest.approx(1.3980)
+    assert stats.control_p99_over_median == pytest.approx(1.0)
+
+
+def test_the_control_group_is_the_steps_near_a_compile() -> None:
+    slow_then_fast = [
+        {"step": s, "step_time_ms": 100.0 if s < 200 else 10.0, "compiling": int(s in (300, 301))}
+        for s in range(1, 400)
+    ]
+
+    stats = step_time_stats(slow_then_fast)
+
+    assert stats.control_steps == 100  # steps 250..351 but the two compiling ones
+    assert stats.control_median_ms == 10.0  # the slow early steps are not the baseline
+    assert stats.compiling_p99_over_median == pytest.approx(1.0)
 
 
 def test_seed_intervals_follow_state_changes() -> None:

@@ -28,7 +28,6 @@ GROWTH = [
     "growth.cooldown_steps=20",
     "growth.max_parameter_ratio=5",
     "growth.max_seeds=3",
-    "urza.worker=thread",
 ]
 
 

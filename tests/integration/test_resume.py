@@ -30,6 +30,7 @@ GROWTH = [
     "growth.max_parameter_ratio=5",
     "growth.max_seeds=4",
     "seeds.blend_steps=8",
+    "urza.worker=thread",  # one process per run: the test is about exactness, not the worker
 ]
 TIMING = {"step_time_ms", "wall_s", "decision_id", "compiling"}
 """Fields that measure time (or are random ids), not what the run computed."""

@@ -196,11 +196,12 @@ class UrzaSection(Section):
     """Shared Urza service (``http://host:port``); ``None``: the embedded library."""
     dir: Path | None = None
     """Folder of the embedded library (default ``<run.dir>/urza``, shared by the runs there)."""
-    worker: Literal["thread", "process", "none"] = "thread"
-    """Who compiles: ``thread``, a Tezzeret worker thread in the training process (ready within
-    about a second); ``process``, a worker process started with the run (no contention for the
-    interpreter lock, but it takes seconds to start, which the first grafts may wait for);
-    ``none``, external workers (``esper tezzeret worker``)."""
+    worker: Literal["process", "thread", "none"] = "process"
+    """Who compiles: ``process``, a Tezzeret worker process started with the run (compiles never
+    compete with training for the interpreter lock; its start-up, a few seconds, is waited for
+    before step 1 with ``growth.warm_start``); ``thread``, a worker thread in the training process
+    (ready sooner, but a compile slows the steps it overlaps); ``none``, external workers
+    (``esper tezzeret worker``)."""
 
 
 class RunConfig(Section):

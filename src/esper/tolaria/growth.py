@@ -16,8 +16,9 @@ exactly ``growth.graft_delay`` steps after its decision, waiting at that boundar
 background compile has not finished by then (counted as ``executor.stall_ms``). The run's growth
 events are then a function of the step alone, which is what makes ``--resume`` exact.
 
-Compiles run in a Tezzeret worker thread (``urza.worker: thread``) or in a worker process started
-before the data and the model are built (``process``). Every compatible catalog blueprint is
+Compiles run in a Tezzeret worker process started before the data and the model are built
+(``urza.worker: process``, the default: no contention with training for the interpreter lock) or
+in a worker thread (``thread``). Every compatible catalog blueprint is
 queued for every seeded layer before training starts (``growth.precompile``) and, with
 ``growth.warm_start``, the run waits for them before step 1, so a germination never waits for a
 cold compiler at its due boundary. A monitor thread counts the compile jobs in flight, which

@@ -2,10 +2,13 @@
 
 Every record has a ``type``; the loop writes
 
-* ``step`` — ``step``, ``epoch``, ``loss``, ``step_time_ms``, ``parameters``, ``seeds`` (counts by
-  state name), ``compiling`` (compile jobs in flight during the step);
+* ``step`` — ``step``, ``epoch``, ``loss`` and ``accuracy`` of the training batch (``null`` for
+  regression), ``step_time_ms``, ``parameters``, ``seeds`` (counts by state name), ``compiling``
+  (compile jobs in flight during the step);
 * ``epoch`` — ``epoch``, ``step``, ``train_loss``, ``test_loss``, ``test_score`` (accuracy, or R²
   for regression), ``parameters``, ``seeds``, ``layers`` (seed states per layer), ``wall_s``;
+* ``seed`` — a seed's new lifecycle state (``step``, ``layer``, ``seed``, ``state``);
+* ``eval`` — the test loss and score before training (epoch 0);
 * ``decision``, ``refusal``, ``graft``, ``reward``, ``fossilize``, ``cull`` — growth events with
   their ``step`` and the layer/seed they concern.
 

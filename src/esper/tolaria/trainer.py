@@ -149,6 +149,11 @@ def seed_snapshot(model: MorphableModel) -> dict[tuple[str, int], str]:
     }
 
 
+def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of ``(B, C)`` logits whose argmax is the ``(B,)`` target."""
+    return float((outputs.detach().argmax(dim=1) == targets).float().mean())
+
+
 def parameter_count(model: MorphableModel) -> int:
     """Base plus grafted kernel parameters."""
     return sum(p.numel() for p in model.parameters())
@@ -275,9 +280,8 @@ def train(
                 tic = time.perf_counter()
                 batch = order[start : start + batch_size]
                 # -- one training step ------------------------------------------------------
-                loss = task_loss(
-                    model(data.x_train[batch]), data.y_train[batch], regression=regression
-                )
+                outputs = model(data.x_train[batch])
+                loss = task_loss(outputs, data.y_train[batch], regression=regression)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -312,6 +316,9 @@ def train(
                         step=step,
                         epoch=epoch,
                         loss=loss_value,
+                        accuracy=None
+                        if regression
+                        else batch_accuracy(outputs, data.y_train[batch]),
                         step_time_ms=step_ms,
                         parameters=parameters,
                         seeds=counts,

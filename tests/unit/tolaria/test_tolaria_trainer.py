@@ -28,6 +28,7 @@ GROWTH = [
     "growth.cooldown_steps=20",
     "growth.max_parameter_ratio=5",
     "growth.max_seeds=3",
+    "urza.worker=thread",  # ready within a second; the worker process is the smoke test's
 ]
 
 
@@ -50,6 +51,8 @@ def test_a_static_run_leaves_metrics_checkpoints_and_a_report(tmp_path: Path) ->
     steps_per_epoch = -(-(1438 - int(1438 * 0.1)) // 64)  # digits train split minus validation
     assert result.status == "completed" and result.step == 2 * steps_per_epoch
     assert [r["step"] for r in steps] == list(range(1, 2 * steps_per_epoch + 1))
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in steps)
+    assert sum(r["accuracy"] for r in steps[-5:]) > sum(r["accuracy"] for r in steps[:5])
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert epochs[-1]["test_score"] == result.test_score == info["test_score"]
     assert info["status"] == "completed" and info["command"] == "test"

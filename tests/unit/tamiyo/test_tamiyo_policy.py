@@ -95,7 +95,8 @@ def test_greedy_acting_is_deterministic_and_takes_the_most_probable_action() -> 
     graph = random_graph(6, 3, allow=0.6)
     first = policy.act(graph)
     assert all(policy.act(graph) == first for _ in range(5))
-    probs = GNNPolicy.mixture(policy(policy.collate([graph]))[0])[0]
+    with torch.no_grad():
+        probs = GNNPolicy.mixture(policy(policy.collate([graph]))[0])[0]
     assert first.action.index() == int(torch.argmax(probs))
     assert first.confidence == pytest.approx(float(probs.max()), rel=1e-5)
     assert first.log_prob == pytest.approx(math.log(float(probs.max())), rel=1e-5)
@@ -114,7 +115,8 @@ def test_uncertainty_is_the_spread_of_the_ensemble_heads() -> None:
     graph = random_graph(5, 7, allow=0.7)
     policy = small_policy(ensemble=4)
     out = policy.act(graph)
-    logits, values = policy(policy.collate([graph]))
+    with torch.no_grad():
+        logits, values = policy(policy.collate([graph]))
     per_head = torch.softmax(logits[0], dim=-1)[:, out.action.index()]  # (E,)
     assert out.uncertainty == pytest.approx(float(per_head.std(unbiased=False)), rel=1e-5)
     assert out.uncertainty > 0  # heads start from different weights

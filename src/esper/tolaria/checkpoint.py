@@ -8,7 +8,8 @@ folder and renamed into place (a crash never leaves half a checkpoint):
   generator's state. It is read back with ``torch.load(weights_only=True)``: nothing is unpickled.
 * ``state.json`` — the rest as plain JSON: loop counters, the metrics-log position, the order of
   the optimizer's parameter groups, Python's and NumPy's RNG states, and the growth state
-  (controller, safety gates, executor, graft schedule).
+  (controller, safety gates, executor, graft schedule). Tensors inside the growth state (a
+  learned policy's weights) are moved to ``tensors.pt`` and referenced by key.
 
 Restoring the optimizer needs care: a fresh ``esper.wrap`` + ``load_state_dict`` re-grafts the
 kernels in model order, and :meth:`~esper.core.MorphableModel.attach_optimizer` adds one parameter
@@ -54,6 +55,40 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+TENSOR_REF = "__tensor__"
+"""Key of the JSON object that stands for a tensor moved to ``tensors.pt``."""
+
+
+def split_tensors(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Move every tensor out of a nested dict/list state (e.g. a policy's weights inside the
+    controller's state) into a flat dict; each is replaced by ``{"__tensor__": key}``."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = value
+            return {TENSOR_REF: key}
+        if isinstance(value, Mapping):
+            return {str(k): visit(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [visit(v) for v in value]
+        return value
+
+    return visit(state), tensors
+
+
+def join_tensors(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(state, Mapping):
+        if set(state) == {TENSOR_REF}:
+            return tensors[state[TENSOR_REF]]
+        return {k: join_tensors(v, tensors) for k, v in state.items()}
+    if isinstance(state, list):
+        return [join_tensors(v, tensors) for v in state]
+    return state
+
+
 def optimizer_group_tags(optimizer: torch.optim.Optimizer) -> list[str | None]:
     """Each parameter group's ``esper_seed`` tag (``None`` for base groups), in order."""
     return [group.get(SEED_GROUP_KEY) for group in optimizer.param_groups]
@@ -95,11 +130,13 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    growth, growth_tensors = split_tensors(checkpoint.growth)
     tensors = {
         "model": checkpoint.model,
         "optimizer": checkpoint.optimizer,
         "torch_rng": checkpoint.torch_rng,
         "data_rng": checkpoint.data_rng,
+        "growth": growth_tensors,
     }
     torch.save(tensors, tmp / "tensors.pt")
     state = {
@@ -109,7 +146,7 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
         "python_rng": checkpoint.python_rng,
         "numpy_rng": checkpoint.numpy_rng,
         "metrics_position": checkpoint.metrics_position,
-        "growth": checkpoint.growth,
+        "growth": growth,
         "extra": checkpoint.extra,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -144,7 +181,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         python_rng=state["python_rng"],
         numpy_rng=state["numpy_rng"],
         metrics_position=int(state["metrics_position"]),
-        growth=dict(state.get("growth", {})),
+        growth=join_tensors(state.get("growth", {}), tensors.get("growth", {})),
         extra=dict(state.get("extra", {})),
     )
 

@@ -152,7 +152,8 @@ class GrowthSection(Section):
 
     enabled: bool = True
     policy: str = "bottleneck"
-    """``bottleneck``, ``random``, ``round_robin``, or a path to a saved GNN policy."""
+    """``bottleneck``, ``random``, ``round_robin`` (baselines), ``pretrained`` (the GNN policy
+    shipped with Esper), or the path of a GNN policy saved by ``GNNPolicy.save``."""
     bus: str = "memory://"
     """Where decisions, refusals and rewards are published for observers (``redis://…``)."""
     decide_every: int = Field(default=50, ge=1)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import esper.tamiyo
 from esper.blueprints import is_compatible
 from esper.contracts import (
     AdaptationDecision,
@@ -59,6 +60,16 @@ logger = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 """A growth event for the metrics log: ``{"type": "decision" | "graft" | …, "step": …, …}``."""
+
+
+PRETRAINED_POLICY = Path(esper.tamiyo.__file__).parent / "pretrained" / "bottleneck_gnn.safetensors"
+"""The GNN policy shipped with Esper (``growth.policy: pretrained``)."""
+
+
+def policy_path(policy: str) -> str:
+    """``growth.policy`` as :func:`~esper.tamiyo.controller.load_policy` takes it: ``pretrained``
+    names the shipped GNN policy; baseline names and file paths pass through."""
+    return str(PRETRAINED_POLICY) if policy == "pretrained" else policy
 
 
 def blueprint_name(spec: BlueprintSpec | None) -> str | None:
@@ -101,7 +112,7 @@ class GrowthDriver:
         self.library = library
         self.bus = bus
         self.worker_mode = config.urza.worker
-        self.policy = load_policy(self.settings.policy, seed=config.run.seed)
+        self.policy = load_policy(policy_path(self.settings.policy), seed=config.run.seed)
         self.total_steps = 0
         self.safety: SafetyGates | None = None
         self.controller: TamiyoController | None = None

@@ -180,7 +180,7 @@ def test_files_are_tensors_for_weights_only_and_json(tmp_path: Path) -> None:
 
     tensors = torch.load(directory / "tensors.pt", weights_only=True)
     state = json.loads((directory / "state.json").read_text())
-    assert set(tensors) == {"model", "optimizer", "torch_rng", "data_rng"}
+    assert set(tensors) == {"model", "optimizer", "torch_rng", "data_rng", "growth"}
     assert (state["epoch"], state["step"], state["metrics_position"]) == (4, 40, 123)
     assert not (tmp_path / ".ckpt.tmp").exists()
 
@@ -190,3 +190,28 @@ def test_an_incomplete_checkpoint_is_reported(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigurationError, match="incomplete"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_tensors_in_the_growth_state_go_to_the_tensor_file(tmp_path: Path) -> None:
+    model, optimizer = _fresh(InMemoryArtifactSource())
+    growth = {"policy": {"w": torch.arange(3.0)}, "steps": [1, {"t": torch.ones(2)}], "n": 4}
+    directory = save_checkpoint(
+        tmp_path / "ckpt",
+        capture(
+            epoch=1,
+            step=1,
+            model=model,
+            optimizer=optimizer,
+            data_generator=torch.Generator(),
+            metrics_position=0,
+            growth=growth,
+        ),
+    )
+
+    restored = load_checkpoint(directory).growth
+
+    state = json.loads((directory / "state.json").read_text())
+    assert state["growth"]["policy"] == {"w": {"__tensor__": "0"}}
+    assert torch.equal(restored["policy"]["w"], torch.arange(3.0))
+    assert torch.equal(restored["steps"][1]["t"], torch.ones(2))
+    assert (restored["steps"][0], restored["n"]) == (1, 4)

@@ -134,3 +134,18 @@ def test_a_run_killed_mid_epoch_resumes_exactly_from_its_last_checkpoint(
     _finish(_train("--resume", str(root / "killed"), cwd=root))
 
     _assert_identical(uninterrupted, root / "killed")
+
+
+@pytest.mark.slow
+def test_a_run_grown_by_the_shipped_gnn_policy_resumes_exactly(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("resume-gnn")
+    _finish(_start(root, "full", "growth.policy=pretrained"))
+    _finish(_start(root, "stopped", "growth.policy=pretrained", "--stop-after-epoch", "3"))
+
+    _finish(_train("--resume", str(root / "stopped"), cwd=root))
+
+    decisions = [r for r in _records(root / "full") if r["type"] == "decision"]
+    assert decisions and {d["policy"] for d in decisions} == {"gnn"}
+    _assert_identical(root / "full", root / "stopped")

@@ -85,6 +85,8 @@ def peft_disabled(model: nn.Module) -> nn.Module | None:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, target_modules=names))
     wrapped.base_model.disable_adapter_layers()
+    for param in wrapped.parameters():  # PEFT freezes the base; train it, as the others do
+        param.requires_grad_(True)
     return wrapped
 
 

@@ -243,14 +243,21 @@ class KasminaLayer(nn.Module):
         self.seed_state.layer_health.add_(stats)
 
     def __getattr__(self, name: str) -> Any:
-        """Fall back to the base module's attributes (``layer.weight``, ``attn.batch_first``...)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base")
-            if base is None or name == "base":
-                raise
-            return getattr(base, name)
+        """Fall back to the base module's attributes (``layer.weight``, ``attn.batch_first``...).
+
+        Fused paths such as ``nn.TransformerEncoderLayer``'s read a dozen attributes of their
+        children per call, so this looks in the module's own stores first and then in the base,
+        without raising and catching an AttributeError on the way.
+        """
+        own = self.__dict__
+        for store in ("_parameters", "_buffers", "_modules"):
+            values = own.get(store)
+            if values is not None and name in values:
+                return values[name]
+        base = own.get("_modules", {}).get("base")
+        if base is None or name == "base":
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return getattr(base, name)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave loads in flight behind (a future belongs to one process) and

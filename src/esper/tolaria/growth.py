@@ -230,6 +230,7 @@ class GrowthDriver:
                 waited,
             )
         self._queued_jobs = []
+        self.monitor.refresh()  # step 1 must not see a count from before the compiles finished
         return waited
 
     # -- the step boundary -------------------------------------------------------------------------
@@ -290,8 +291,8 @@ class GrowthDriver:
         return counts
 
     def compiling(self) -> int:
-        """Compiles in flight (as last counted by the monitor thread), or germinations still
-        waiting for their kernel, whichever is larger."""
+        """Compiles in flight (as last counted by the monitor thread), or germinations whose
+        kernel is still being looked up, compiled or prefetched, whichever is larger."""
         waiting = self.executor.compiling() if self.executor is not None else 0
         return max(waiting, self.monitor.in_flight)
 

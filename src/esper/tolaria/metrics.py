@@ -4,7 +4,7 @@ Every record has a ``type``; the loop writes
 
 * ``step`` — ``step``, ``epoch``, ``loss`` and ``accuracy`` of the training batch (``null`` for
   regression), ``step_time_ms``, ``parameters``, ``seeds`` (counts by state name), ``compiling``
-  (compile jobs in flight during the step);
+  (compile jobs, or germinations looking up their kernel, in flight during the step);
 * ``epoch`` — ``epoch``, ``step``, ``train_loss``, ``test_loss``, ``test_score`` (accuracy, or R²
   for regression), ``parameters``, ``seeds``, ``layers`` (seed states per layer), ``wall_s``;
 * ``seed`` — a seed's new lifecycle state (``step``, ``layer``, ``seed``, ``state``);

@@ -161,7 +161,6 @@ class RichProgress:
         """Print the epoch's numbers and advance the epoch bar."""
         self._epoch = int(record["epoch"])
         self._progress.update(self._epoch_task, completed=self._epoch)
-        self._progress.update(self._step_task, completed=0)
         score_name = record.get("score_name", "score")
         self.console.print(
             f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "

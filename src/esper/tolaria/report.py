@@ -321,7 +321,7 @@ def plot_seed_timeline(
     """One row per seed (grouped by layer), coloured by lifecycle state over the steps."""
     plt = _pyplot()
     rows = [(layer, seed) for layer, count in layer_seeds.items() for seed in range(count)]
-    fig, axis = plt.subplots(figsize=(11, 0.35 * max(len(rows), 4) + 1.2))
+    fig, axis = plt.subplots(figsize=(11, 0.35 * max(len(rows), 4) + 1.6))
     timelines = seed_intervals(seed_events, last)
     for y, key in enumerate(rows):
         spans = timelines.get(key, [(0, last, "DORMANT")])
@@ -335,7 +335,15 @@ def plot_seed_timeline(
     handles = [
         plt.Rectangle((0, 0), 1, 1, color=color) for color in STATE_COLORS.values()
     ]  # legend swatches
-    axis.legend(handles, [s.lower() for s in STATE_COLORS], loc="upper left", fontsize=7, ncol=6)
+    axis.legend(
+        handles,
+        [s.lower() for s in STATE_COLORS],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.3),
+        fontsize=7,
+        ncol=6,
+        frameon=False,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,6 +41,7 @@ import torch
 from esper.contracts import BlueprintSpec, KernelTarget, LayerKind
 from esper.tezzeret import find_or_enqueue
 from esper.tolaria.config import load_config
+from esper.tolaria.metrics import read_metrics
 from esper.tolaria.report import summarize
 from esper.tolaria.trainer import train
 from esper.urza import open_library
@@ -147,16 +148,22 @@ def run_dataset(dataset: str, seeds: list[int], out: Path) -> list[dict[str, Any
     return rows
 
 
-def _enqueue_when_training(urza_dir: Path, run_folder: Path, jobs: int) -> threading.Thread:
-    """Once the run reports ``running`` (after its warm-up), queue ``jobs`` compiles of distinct
-    layer shapes into its library, so its worker compiles for a while during training."""
+def _enqueue_when_training(
+    urza_dir: Path, run_folder: Path, jobs: int, *, after_step: int
+) -> threading.Thread:
+    """Once the run's metrics show step ``after_step``, queue ``jobs`` compiles of distinct layer
+    shapes into its library, so its worker compiles for a while in the middle of training."""
+
+    def reached() -> bool:
+        metrics = run_folder / "metrics.jsonl"
+        if not metrics.exists():
+            return False
+        steps = [r["step"] for r in read_metrics(metrics, "step")]
+        return bool(steps) and max(steps) >= after_step
 
     def enqueue() -> None:
         deadline = time.monotonic() + 600
-        info = run_folder / "run.json"
-        while time.monotonic() < deadline:
-            if info.exists() and json.loads(info.read_text()).get("status") == "running":
-                break
+        while time.monotonic() < deadline and not reached():
             time.sleep(0.02)
         library = open_library(run_dir=urza_dir)
         spec = BlueprintSpec(family="residual_mlp", params={"hidden": 64})
@@ -181,9 +188,10 @@ def disruption(out: Path, seed: int = 0, jobs: int = 40) -> list[dict[str, Any]]
     """Grown runs whose steps take milliseconds: step time while compiles run in the background.
 
     The worker is a process or a thread. Each run precompiles its catalog kernels before step 1
-    (the presets' default), then gets ``jobs`` more compiles of other shapes queued into its
-    library as soon as it trains (see :func:`_enqueue_when_training`): its worker compiles in the
-    background for a few seconds while the run trains and grows.
+    (the presets' default); from step 100 it gets ``jobs`` more compiles of other shapes queued
+    into its library (see :func:`_enqueue_when_training`), so its worker compiles for a few
+    seconds in the middle of training. Growth starts at step 400, after that window: the steps
+    during the compiles and the control steps around them run the same model.
     """
     rows = []
     for worker in ("process", "thread"):
@@ -191,12 +199,14 @@ def disruption(out: Path, seed: int = 0, jobs: int = 40) -> list[dict[str, Any]]
         run_id = f"digits-{arm}-s{seed}"
         for stale in (out / "urza" / run_id, out / "runs" / run_id):
             shutil.rmtree(stale, ignore_errors=True)
-        helper = _enqueue_when_training(out / "urza" / run_id, out / "runs" / run_id, jobs)
+        helper = _enqueue_when_training(
+            out / "urza" / run_id, out / "runs" / run_id, jobs, after_step=100
+        )
         overrides = [
             "host.hidden=[512,512]",
             "data.batch_size=256",
             "train.epochs=100",
-            "growth.start_step=60",
+            "growth.start_step=400",
             "growth.decide_every=20",
             "growth.graft_delay=10",
             "growth.evaluation_steps=20",

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 TargetSpec = type[nn.Module] | str | re.Pattern[str]
 """A layer selector: a module type, a qualified name (or ``.suffix``), or a compiled regex."""
 
+FUSED_INFERENCE_MODULES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer,)
+"""Modules whose inference fast path reads their children's weights instead of calling them."""
+
 KernelListener = Callable[[str, int, nn.Module], None]
 """``listener(layer_name, seed_idx, kernel_module)``, called when a kernel joins or leaves."""
 
@@ -516,6 +519,12 @@ def wrap(
         model = copy.deepcopy(model)
         targets = _select_targets(model, [n for names in targets.values() for n in names])
     modules = dict(model.named_modules(remove_duplicate=False))
+    inside_fused = {
+        id(child)
+        for module in model.modules()
+        if isinstance(module, FUSED_INFERENCE_MODULES)
+        for child in module.modules()
+    }
     replacements: dict[int, nn.Module] = {}
     layers: dict[str, KasminaLayer] = {}
     for key, names in targets.items():
@@ -527,6 +536,7 @@ def wrap(
             max_retries=max_retries,
             retry_backoff_steps=retry_backoff_steps,
             health_every=health_every,
+            inside_fused_module=key in inside_fused,
         )
         replacements[key] = layer
         layers.update(dict.fromkeys(names, layer))

@@ -112,6 +112,10 @@ class KasminaLayer(nn.Module):
         max_retries: faults tolerated before a seed gives up and returns to DORMANT.
         retry_backoff_steps: steps before the first retry; doubles after each fault.
         health_every: record health statistics on one forward every this many steps (0: never).
+        inside_fused_module: the layer lives inside a module with a fused inference path that
+            reads its children's weights directly (``nn.TransformerEncoderLayer``): while kernels
+            run, the layer then disables that path (see ``_disable_fused_fast_paths``).
+            ``esper.wrap`` sets it.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class KasminaLayer(nn.Module):
         max_retries: int = 3,
         retry_backoff_steps: int = 10,
         health_every: int = 10,
+        inside_fused_module: bool = False,
     ) -> None:
         super().__init__()
         profile = profile_layer(base)
@@ -150,6 +155,7 @@ class KasminaLayer(nn.Module):
         self.max_retries = max_retries
         self.retry_backoff_steps = retry_backoff_steps
         self.health_every = health_every
+        self.inside_fused_module = inside_fused_module
         self.last_errors: dict[int, BaseException] = {}
         """The most recent load or kernel failure of each seed (for inspection; also logged)."""
         self._kernels: list[GraftedKernel | None] = [None] * num_seeds
@@ -176,7 +182,14 @@ class KasminaLayer(nn.Module):
         """
         state = self.seed_state
         self._running_seeds = tuple(
-            (i, self._kernels[i], state.alpha[i], state.seed_health[i]) for i in state.running
+            (
+                i,
+                self._kernel_module(i),
+                state.alpha[i],
+                state.seed_health[i],
+                state.seed_health[i, 2],
+            )
+            for i in state.running
         )
         forward: Callable[..., Any]
         if self._running_seeds or self._record_health:
@@ -189,7 +202,7 @@ class KasminaLayer(nn.Module):
         # as a child named "forward".
         object.__setattr__(self, "forward", forward)
         guards = [k for k, h in self._forward_pre_hooks.items() if h is _disable_fused_fast_paths]
-        if self._running_seeds and not guards:
+        if self._running_seeds and self.inside_fused_module and not guards:
             self.register_forward_pre_hook(_disable_fused_fast_paths)
         elif not self._running_seeds:
             for key in guards:
@@ -204,20 +217,19 @@ class KasminaLayer(nn.Module):
             kernel_in = base_out
         record = self._record_health
         y = base_out
-        for seed_idx, grafted, alpha, health in self._running_seeds:
+        for seed_idx, kernel, alpha, health, output_sum in self._running_seeds:
             try:
-                k = grafted(
+                k = kernel(
                     _FiniteGradient.apply(kernel_in) if kernel_in.requires_grad else kernel_in
                 )
             except Exception as exc:  # a faulty kernel must never take training down
                 self._on_kernel_fault(seed_idx, exc)
                 continue
             k_sum = k.sum()
-            health[2].add_(k_sum.detach())  # stays finite iff every output in the window was
+            output_sum.add_(k_sum.detach())  # stays finite iff every output in the window was
             # Non-finite output contributes exactly zero without a host read: nan_to_num makes
-            # every element finite and the scale drops to zero. (k_sum * 0 == 0) is isfinite in
-            # two cheap ops: 0 * inf and 0 * nan are nan.
-            scale = alpha * (k_sum * 0 == 0)
+            # every element finite and the scale drops to zero.
+            scale = alpha * torch.isfinite(k_sum)
             k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
             if record:
                 contribution_sq = (k.detach().float() * scale).square().mean()
@@ -511,6 +523,11 @@ class KasminaLayer(nn.Module):
         self._kernels[seed_idx] = None
         if self._events is not None:
             self._events.kernel_removed(self.layer_name, seed_idx, grafted.kernel)
+
+    def _kernel_module(self, seed_idx: int) -> nn.Module:
+        grafted = self._kernels[seed_idx]
+        assert grafted is not None, "a running seed always holds a kernel"
+        return grafted.kernel
 
     def kernel(self, seed_idx: int) -> nn.Module | None:
         """The kernel module grafted in a seed, if any."""

@@ -225,11 +225,12 @@ class KasminaLayer(nn.Module):
             except Exception as exc:  # a faulty kernel must never take training down
                 self._on_kernel_fault(seed_idx, exc)
                 continue
-            k_sum = k.sum()
-            output_sum.add_(k_sum.detach())  # stays finite iff every output in the window was
+            k_sum = k.detach().sum()
+            output_sum.add_(k_sum)  # stays finite iff every output in the window was
             # Non-finite output contributes exactly zero without a host read: nan_to_num makes
-            # every element finite and the scale drops to zero.
-            scale = alpha * torch.isfinite(k_sum)
+            # every element finite, and the scale drops to zero because k_sum - k_sum is 0 for a
+            # finite sum and NaN for an infinite or NaN one (cheaper than isfinite + a bool cast).
+            scale = torch.nan_to_num(alpha + (k_sum - k_sum), nan=0.0)
             k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
             if record:
                 contribution_sq = (k.detach().float() * scale).square().mean()

@@ -146,7 +146,8 @@ class KasminaLayer(nn.Module):
             )
         self.base = base
         self.seed_state = SeedStateLayout(num_seeds)
-        self.seeds = nn.ModuleDict()
+        # ``self.seeds`` (an nn.ModuleDict of GraftedKernels by seed index) exists only while a
+        # kernel is grafted: fused inference paths scan every submodule on every call.
         self.profile = profile
         self._reads_input = profile.graft_point is GraftPoint.INPUT
         self._returns_tuple = profile.returns_tuple
@@ -164,7 +165,9 @@ class KasminaLayer(nn.Module):
         self._events: SeedEvents | None = None
         self._step = 0
         self._record_health = False
-        self._running_seeds: tuple[tuple[int, Any, torch.Tensor, torch.Tensor], ...] = ()
+        self._running_seeds: tuple[
+            tuple[int, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], ...
+        ] = ()
         self._select_forward()
         self.register_load_state_dict_post_hook(KasminaLayer._after_state_dict_load)
 
@@ -259,18 +262,24 @@ class KasminaLayer(nn.Module):
         """Fall back to the base module's attributes (``layer.weight``, ``attn.batch_first``...).
 
         Fused paths such as ``nn.TransformerEncoderLayer``'s read a dozen attributes of their
-        children per call, so this looks in the module's own stores first and then in the base,
-        without raising and catching an AttributeError on the way.
+        children per call, so this goes straight to the dictionaries that hold them (this layer
+        registers no parameters or buffers of its own, only modules) instead of raising and
+        catching an AttributeError on the way.
         """
-        own = self.__dict__
-        for store in ("_parameters", "_buffers", "_modules"):
-            values = own.get(store)
-            if values is not None and name in values:
-                return values[name]
-        base = own.get("_modules", {}).get("base")
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            return modules[name]
+        base = modules.get("base") if modules is not None else None
         if base is None or name == "base":
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
-        return getattr(base, name)
+        base_own = base.__dict__
+        if name in base_own:
+            return base_own[name]
+        if name in base_own["_parameters"]:
+            return base_own["_parameters"][name]
+        if name in base_own["_buffers"]:
+            return base_own["_buffers"][name]
+        return getattr(base, name)  # submodules, properties, methods
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave loads in flight behind (a future belongs to one process) and
@@ -511,6 +520,8 @@ class KasminaLayer(nn.Module):
 
     def _install(self, seed_idx: int, grafted: GraftedKernel) -> None:
         self._drop_kernel(seed_idx)
+        if "seeds" not in self._modules:
+            self._modules["seeds"] = nn.ModuleDict()  # add_module refuses: ``seeds`` is a property
         self.seeds[str(seed_idx)] = grafted
         self._kernels[seed_idx] = grafted
         if self._events is not None:
@@ -520,10 +531,20 @@ class KasminaLayer(nn.Module):
         grafted = self._kernels[seed_idx]
         if grafted is None:
             return
-        del self.seeds[str(seed_idx)]
+        seeds = self._modules["seeds"]
+        assert isinstance(seeds, nn.ModuleDict)
+        del seeds[str(seed_idx)]
+        if not len(seeds):
+            del self._modules["seeds"]
         self._kernels[seed_idx] = None
         if self._events is not None:
             self._events.kernel_removed(self.layer_name, seed_idx, grafted.kernel)
+
+    @property
+    def seeds(self) -> nn.ModuleDict:
+        """Grafted kernels by seed index (as strings); empty when no kernel is grafted."""
+        seeds = self._modules.get("seeds")
+        return seeds if isinstance(seeds, nn.ModuleDict) else nn.ModuleDict()
 
     def _kernel_module(self, seed_idx: int) -> nn.Module:
         grafted = self._kernels[seed_idx]
@@ -619,7 +640,9 @@ class KasminaLayer(nn.Module):
             layer_name=self.layer_name,
             layer_kind=self.profile.kind,
             base_parameters=sum(p.numel() for p in self.base.parameters()),
-            kernel_parameters=sum(p.numel() for p in self.seeds.parameters()),
+            kernel_parameters=sum(
+                p.numel() for grafted in self._kernels if grafted for p in grafted.parameters()
+            ),
             seeds_by_state=counts,
             kernel_ids=tuple(slot.kernel_id for slot in self.seed_state.slots),
         )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from esper.blueprints.activations import ActivationName, make_activation
-from esper.blueprints.registry import register_family
+from esper.blueprints.registry import initialize_kernel, register_family
 from esper.contracts import KernelTarget
 
 _CONV: dict[int, type[nn.Conv1d] | type[nn.Conv2d]] = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -38,6 +38,10 @@ class ConvAdapter(nn.Module):
         self.mix = mix
         self.act = activation
         self.project = project
+        self.zero_output_()
+
+    def zero_output_(self) -> None:
+        """Zero the output projection: the kernel then outputs exactly zero (function-preserving)."""
         nn.init.zeros_(self.project.weight)
         if self.project.bias is not None:
             nn.init.zeros_(self.project.bias)
@@ -71,6 +75,10 @@ class ConvAdapterFamily:
                 "(Conv1d, Conv2d, BatchNorm2d); use lowrank_adapter or residual_mlp for features"
             )
         return None
+
+    def initialize(self, module: nn.Module, params: BaseModel, generator: torch.Generator) -> None:
+        """Default PyTorch initialisation from ``generator``, output stage zeroed."""
+        initialize_kernel(module, generator)
 
     def build(self, params: BaseModel, target: KernelTarget) -> nn.Module:
         """A :class:`ConvAdapter` of the requested mode and dimensionality."""

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from esper.blueprints.activations import ActivationName, make_activation
-from esper.blueprints.registry import register_family
+from esper.blueprints.registry import initialize_kernel, register_family
 from esper.contracts import KernelTarget
 
 
@@ -48,6 +48,10 @@ class ChannelMLP(nn.Module):
         self.down = nn.Linear(in_features, hidden, bias=bias)
         self.act = activation
         self.up = nn.Linear(hidden, out_features, bias=bias)
+        self.zero_output_()
+
+    def zero_output_(self) -> None:
+        """Zero the output projection: the kernel then outputs exactly zero (function-preserving)."""
         nn.init.zeros_(self.up.weight)
         if self.up.bias is not None:
             nn.init.zeros_(self.up.bias)
@@ -107,6 +111,10 @@ class LowRankAdapterFamily:
             )
         return None
 
+    def initialize(self, module: nn.Module, params: BaseModel, generator: torch.Generator) -> None:
+        """Default PyTorch initialisation from ``generator``, output stage zeroed."""
+        initialize_kernel(module, generator)
+
     def build(self, params: BaseModel, target: KernelTarget) -> nn.Module:
         """A :class:`ChannelMLP` of hidden width ``rank``."""
         assert isinstance(params, LowRankParams)
@@ -139,6 +147,10 @@ class ResidualMLPFamily:
     def incompatibility(self, params: BaseModel, target: KernelTarget) -> str | None:
         """Any feature or channel target works."""
         return None
+
+    def initialize(self, module: nn.Module, params: BaseModel, generator: torch.Generator) -> None:
+        """Default PyTorch initialisation from ``generator``, output stage zeroed."""
+        initialize_kernel(module, generator)
 
     def build(self, params: BaseModel, target: KernelTarget) -> nn.Module:
         """A :class:`ChannelMLP` of hidden width ``hidden`` with biases."""

@@ -7,6 +7,7 @@ geometry. Nothing outside this registry can make a spec execute code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -45,7 +46,12 @@ class BlueprintFamily(Protocol):
         ...
 
     def build(self, params: BaseModel, target: KernelTarget) -> nn.Module:
-        """A function-preserving module (its output is exactly zero) for ``target``, in float32."""
+        """A function-preserving module (its output is exactly zero) for ``target``, in float32.
+
+        A family may also define ``initialize(module, params, generator)``: then ``build`` only
+        lays out the structure (it runs on the meta device) and ``initialize`` draws every random
+        value from ``generator`` (see :func:`initialize_kernel`).
+        """
         ...
 
 
@@ -120,10 +126,49 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def _seeded_global_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def initialize_kernel(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every parameter of a kernel its PyTorch default initialisation, drawn from
+    ``generator`` instead of the global RNG, then zero the kernel's output stage.
+
+    Draws happen in registration order, exactly as the layers' own ``reset_parameters`` draw
+    them after ``torch.manual_seed``, so a kernel built this way equals one built directly under a
+    seeded global RNG. The global RNG is never touched: compiling or loading a kernel on a
+    background thread cannot disturb the training thread's random stream.
+
+    Raises:
+        BlueprintError: a parameter belongs to a layer type this function cannot initialise
+            (families build from Linear, Conv1d/Conv2d, LayerNorm and BatchNorm layers).
+    """
+    initialised: set[int] = set()
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d):
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                initialised.add(id(layer.weight))
+                if layer.bias is not None:
+                    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+                    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+                    initialised.add(id(layer.bias))
+            elif isinstance(layer, nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d):
+                layer.reset_parameters()  # ones and zeros: no randomness
+                initialised.update(id(p) for p in layer.parameters(recurse=False))
+    missing = [name for name, p in module.named_parameters() if id(p) not in initialised]
+    if missing:
+        raise BlueprintError(
+            f"cannot initialise kernel parameters {missing} of {type(module).__name__}: kernel "
+            "families build from Linear, Conv1d/Conv2d, LayerNorm and BatchNorm layers"
+        )
+    zero_output = getattr(module, "zero_output_", None)
+    if callable(zero_output):
+        zero_output()
+    return module
 
 
 def build_kernel(
@@ -135,13 +180,25 @@ def build_kernel(
 ) -> nn.Module:
     """Build the kernel module for ``spec`` and ``target``, initialised deterministically.
 
-    The same spec, target and ``init_seed`` always give the same weights. The module starts
+    The same spec, target and ``init_seed`` always give the same weights. A family with an
+    ``initialize(module, params, generator)`` method (all built-in ones) is built on the meta
+    device and initialised from a private generator, so building never touches the global RNG
+    and is safe on any thread. A family without one initialises in ``build`` under a seeded fork
+    of the global RNG, which must then only be used from the training thread. The module starts
     function-preserving (its output is zero), in ``target.dtype`` on ``device``.
     """
     check_compatible(spec, target)
     params = parse_params(spec)
-    with _seeded(init_seed):
-        module = get_family(spec.family).build(params, target)
+    family = get_family(spec.family)
+    initialize = getattr(family, "initialize", None)
+    if callable(initialize):
+        with torch.device("meta"):
+            module = family.build(params, target)
+        module = module.to_empty(device="cpu").float()
+        initialize(module, params, torch.Generator().manual_seed(init_seed))
+    else:  # a family that initialises in build(): seed a fork of the global RNG around it
+        with _seeded_global_rng(init_seed):
+            module = family.build(params, target)
     return module.to(device=device, dtype=torch_dtype(target.dtype))
 
 

@@ -166,6 +166,7 @@ def _tezzeret_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         poll_interval_s=args.poll_interval,
         lease_seconds=args.lease_seconds,
+        parent_pid=args.parent_pid,
     )
     console.print(f"Tezzeret worker {worker.worker_id} compiling jobs (Ctrl-C stops it)")
     try:
@@ -392,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_options(worker)
     worker.add_argument("--bus", default=None, help="announce kernel.ready on redis://...")
     worker.add_argument("--worker-id", default=None)
+    worker.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process is no longer the parent",
+    )
     worker.add_argument("--poll-interval", type=float, default=0.2, help="seconds")
     worker.add_argument(
         "--lease-seconds",

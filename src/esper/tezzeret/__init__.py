@@ -14,13 +14,16 @@ from esper.tezzeret.compiler import (
 )
 from esper.tezzeret.kernel_requests import KernelRequest, find_or_enqueue
 from esper.tezzeret.worker import TezzeretWorker
+from esper.tezzeret.worker_process import TezzeretProcess, library_location
 
 __all__ = [
     "BlueprintValidationError",
     "CompiledKernel",
     "KernelRequest",
+    "TezzeretProcess",
     "TezzeretWorker",
     "compile_blueprint",
     "example_input",
     "find_or_enqueue",
+    "library_location",
 ]

@@ -37,6 +37,8 @@ class TezzeretWorker:
         worker_id: this worker's name in job claims.
         poll_interval_s: sleep between claims when the queue is empty.
         lease_seconds: how long a claimed job stays this worker's before it may be reclaimed.
+        parent_pid: stop when this process is no longer the worker's parent (the process that
+            started the worker died): a worker process never outlives its training run.
     """
 
     def __init__(
@@ -47,12 +49,14 @@ class TezzeretWorker:
         worker_id: str | None = None,
         poll_interval_s: float = 0.2,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        parent_pid: int | None = None,
     ) -> None:
         self.library = library
         self.bus = bus
         self.worker_id = worker_id or default_worker_id()
         self.poll_interval_s = poll_interval_s
         self.lease_seconds = lease_seconds
+        self.parent_pid = parent_pid
         self.counters: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,6 +101,11 @@ class TezzeretWorker:
         ``stop_when_idle``); returns the number of jobs handled."""
         handled = 0
         while not self._stop.is_set() and (max_jobs is None or handled < max_jobs):
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                logger.warning(
+                    "worker %s: parent %d is gone; stopping", self.worker_id, self.parent_pid
+                )
+                break
             try:
                 job = self.run_once()
             except Exception as exc:  # library unreachable: keep trying, never die

@@ -1,66 +1,18 @@
-"""Background compiles of a run: a Tezzeret worker in its own process, and a monitor counting the
-compile jobs in flight.
+"""Compile monitor: counts a run's compile jobs in flight, off the training thread.
 
-A worker *thread* shares the training process's interpreter lock: the first ``torch.export`` of
-a process (about a second and a half of Python) then slows the training steps around it. A worker
-*process* compiles on the other core instead; it reads and writes the same Urza library (the
-embedded SQLite file and blob folder, or the shared service), so nothing else changes.
+(The worker process itself is :class:`esper.tezzeret.TezzeretProcess`.)
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 from esper.contracts import CompileJobStatus
 from esper.urza import ArtifactLibrary
 
 logger = logging.getLogger(__name__)
-
-
-class TezzeretProcess:
-    """``esper tezzeret worker`` as a child process, compiling the jobs of one library.
-
-    Args:
-        urza_url: the Urza service, if the run uses one.
-        run_dir: the embedded library's folder otherwise.
-        log_path: where the worker's output goes.
-        poll_interval_s: the worker's sleep between claims when the queue is empty.
-    """
-
-    def __init__(
-        self,
-        *,
-        urza_url: str | None,
-        run_dir: Path | None,
-        log_path: Path,
-        poll_interval_s: float = 0.05,
-    ) -> None:
-        command = [sys.executable, "-m", "esper.cli", "--log-level", "INFO", "tezzeret", "worker"]
-        command += ["--poll-interval", str(poll_interval_s)]
-        command += ["--urza", urza_url] if urza_url else ["--run-dir", str(run_dir)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core: leave the other to training
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        logger.info("started Tezzeret worker process %d", self.process.pid)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the worker to stop (SIGTERM), then kill it if it does not."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        self._log.close()
 
 
 class CompileMonitor:

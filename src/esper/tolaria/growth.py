@@ -50,8 +50,8 @@ from esper.tamiyo.controller import TamiyoController, load_policy
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
-from esper.tezzeret import find_or_enqueue
-from esper.tolaria.compile_worker import CompileMonitor, TezzeretProcess
+from esper.tezzeret import TezzeretProcess, find_or_enqueue
+from esper.tolaria.compile_worker import CompileMonitor
 from esper.tolaria.config import GrowthSection, RunConfig
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
 from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
@@ -122,10 +122,11 @@ class GrowthDriver:
         self._queued_jobs: list[str] = []
         self.worker_process: TezzeretProcess | None = None
         if self.worker_mode == "process":
+            location = (
+                ["--urza", config.urza.url] if config.urza.url else ["--run-dir", str(urza_dir)]
+            )
             self.worker_process = TezzeretProcess(
-                urza_url=config.urza.url,
-                run_dir=urza_dir,
-                log_path=(log_dir or Path(".")) / "tezzeret.log",
+                location, log_path=(log_dir or Path(".")) / "tezzeret.log"
             )
         self.monitor = CompileMonitor(library)
 

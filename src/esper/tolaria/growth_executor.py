@@ -40,10 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -73,7 +70,7 @@ from esper.oona import BackgroundPublisher, BusUnavailableError, Delivery, Messa
 from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, ModelTopology, TrainingProgress
 from esper.tamiyo.reward import AdaptationOutcome, RewardWeights, compute_reward
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyGates
-from esper.tezzeret import TezzeretWorker, find_or_enqueue
+from esper.tezzeret import TezzeretProcess, TezzeretWorker, find_or_enqueue, library_location
 from esper.urza import ArtifactLibrary
 
 logger = logging.getLogger(__name__)
@@ -246,11 +243,11 @@ class GrowthExecutor:
         if optimizer is not None:
             model.attach_optimizer(optimizer, **dict(optimizer_options or {}))
         self.worker: TezzeretWorker | None = None
-        self._worker_process: subprocess.Popen[bytes] | None = None
+        self._worker_process: TezzeretProcess | None = None
         if library is not None and compile_worker in (True, "thread"):
             self.worker = TezzeretWorker(library, bus).start()
         elif library is not None and compile_worker == "process":
-            self._worker_process = _start_worker_process(library)
+            self._worker_process = TezzeretProcess(library_location(library), poll_interval_s=0.1)
         self.publisher = BackgroundPublisher(bus, name=f"executor-{run_id}") if bus else None
         self._inbox: _CommandInbox | None = None
         if bus is not None and listen:
@@ -700,11 +697,7 @@ class GrowthExecutor:
         if self.worker is not None:
             self.worker.stop(timeout)
         if self._worker_process is not None:
-            self._worker_process.terminate()
-            try:
-                self._worker_process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._worker_process.kill()
+            self._worker_process.stop(timeout)
         self._resolver.shutdown(wait=False, cancel_futures=True)
         if self.publisher is not None:
             self.publisher.close(timeout)
@@ -768,31 +761,6 @@ class GrowthExecutor:
             elif saved["kernel"] is not None:
                 record.kernel = KernelMetadata.model_validate(saved["kernel"])
             self._records[record.decision.decision_id] = record
-
-
-def _start_worker_process(library: ArtifactLibrary) -> subprocess.Popen[bytes]:
-    """``esper tezzeret worker`` on the same library, as a child process."""
-    service_url = getattr(library, "url", None)
-    metadata_url = getattr(getattr(library, "metadata", None), "url", None)
-    blob_url = getattr(getattr(library, "blobs", None), "url", None)
-    if isinstance(service_url, str):
-        where = ["--urza", service_url]  # the token comes from ESPER_URZA_TOKEN, inherited
-    elif isinstance(metadata_url, str) and isinstance(blob_url, str) and "***" not in metadata_url:
-        where = ["--metadata-url", metadata_url, "--blob-url", blob_url]
-    else:
-        raise ConfigurationError(
-            f"compile_worker='process' cannot tell a child process where {library!r} is: open "
-            "the library from password-less URLs or an Urza service, or use compile_worker="
-            "'thread'"
-        )
-    command = [sys.executable, "-m", "esper.cli", "tezzeret", "worker", *where]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.Popen(
-        [*command, "--poll-interval", "0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
 
 
 def _record_state(record: _Germination) -> dict[str, Any]:

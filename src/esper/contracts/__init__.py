@@ -36,6 +36,7 @@ from esper.contracts.telemetry import (
     ModelStats,
     SeedHealth,
 )
+from esper.contracts.topology import LayerTopology, ModelTopology, TrainingProgress
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -60,12 +61,15 @@ __all__ = [
     "KernelTarget",
     "LayerKind",
     "LayerStats",
+    "LayerTopology",
     "LibraryStats",
     "ModelStats",
+    "ModelTopology",
     "RewardReport",
     "SeedHealth",
     "SeedState",
     "Topic",
+    "TrainingProgress",
     "check_transition",
     "is_legal_transition",
 ]

@@ -48,9 +48,14 @@ class AdaptationDecision(Contract):
 
 
 class DecisionRefusal(Contract):
-    """A proposed decision that a safety gate refused; ``gate`` names it, ``reason`` says why."""
+    """A proposed decision that a safety gate refused; ``gate`` names it, ``reason`` says why.
+
+    ``decision_id`` is set when a published decision was refused later (by the training side);
+    a proposal refused by the controller's own gates never became a decision and has none.
+    """
 
     run_id: str
+    decision_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
     step: int = Field(ge=0)
     layer_name: str
     action: AdaptationAction

@@ -19,6 +19,10 @@ class Topic(StrEnum):
 
     TELEMETRY_HEALTH = "telemetry.health"
     """Batches of :class:`HealthSignal` flushed by a training process."""
+    TELEMETRY_TOPOLOGY = "telemetry.topology"
+    """A training run's seeded structure (:class:`ModelTopology`), once per run."""
+    TELEMETRY_PROGRESS = "telemetry.progress"
+    """A training run's step, loss and parameter counts (:class:`TrainingProgress`)."""
     KERNEL_READY = "kernel.ready"
     """A compiled kernel was stored in Urza (:class:`KernelReady`)."""
     CONTROL_KASMINA_COMMANDS = "control.kasmina.commands"

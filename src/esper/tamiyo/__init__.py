@@ -26,11 +26,10 @@ from esper.tamiyo.controller import (
     PROGRESS_TOPIC,
     TOPOLOGY_TOPIC,
     CycleResult,
-    LayerTopology,
-    ModelTopology,
     TamiyoController,
-    TrainingProgress,
     load_policy,
+    model_topology,
+    topology_structure,
 )
 from esper.tamiyo.graph import (
     GlobalState,
@@ -90,8 +89,6 @@ __all__ = [
     "HealthCollector",
     "LayerGraph",
     "LayerHealthSummary",
-    "LayerTopology",
-    "ModelTopology",
     "PPOConfig",
     "PPOTrainer",
     "PolicyOutput",
@@ -101,12 +98,13 @@ __all__ = [
     "SafetyConfig",
     "SafetyGates",
     "TamiyoController",
-    "TrainingProgress",
     "build_layer_graph",
     "graph_structure",
     "load_gnn_policy",
     "load_policy",
     "make_baseline",
+    "model_topology",
+    "topology_structure",
 ]
 
 

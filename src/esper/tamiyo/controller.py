@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
 from esper.blueprints.registry import build_empty_kernel
 from esper.contracts import (
     AdaptationAction,
@@ -46,9 +44,12 @@ from esper.contracts import (
     HealthSignal,
     HealthSignalBatch,
     KernelTarget,
+    LayerTopology,
+    ModelTopology,
     RewardReport,
     SeedState,
     Topic,
+    TrainingProgress,
 )
 from esper.errors import ConfigurationError
 from esper.oona import BusUnavailableError, MessageBus, Subscription
@@ -62,75 +63,44 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TOPOLOGY_TOPIC = "telemetry.topology"
+TOPOLOGY_TOPIC = Topic.TELEMETRY_TOPOLOGY
 """Topic of :class:`ModelTopology` (published once per run by the training side)."""
-PROGRESS_TOPIC = "telemetry.progress"
+PROGRESS_TOPIC = Topic.TELEMETRY_PROGRESS
 """Topic of :class:`TrainingProgress` (published every few steps by the training side)."""
 GATE_MASK = "mask"
 """Refusal gate of an action the graph's ``germinate_mask`` did not allow (a policy bug)."""
 
 
-class LayerTopology(Contract):
-    """One seeded layer, as a controller without the model sees it."""
-
-    layer_name: str
-    target: KernelTarget
-    base_parameters: int = Field(ge=0)
-    num_seeds: int = Field(ge=1)
-
-
-class ModelTopology(Contract):
-    """The structure of a morphable model: its seeded layers and the data flow between them."""
-
-    run_id: str
-    layers: tuple[LayerTopology, ...]
-    edges: tuple[tuple[int, int], ...] | None = Field(
-        default=None, description="(source, destination) layer indices; None: module order"
+def model_topology(model: MorphableModel, *, run_id: str) -> ModelTopology:
+    """Describe ``model``'s seeded structure (edges from an fx trace, as the graph builder does)."""
+    layers = [model.layer(name) for name in model.layer_names]
+    edges = trace_edges(model, layers)
+    return ModelTopology(
+        run_id=run_id,
+        layers=tuple(
+            LayerTopology(
+                layer_name=layer.layer_name,
+                target=layer.target(),
+                base_parameters=sum(p.numel() for p in layer.base.parameters()),
+                num_seeds=layer.num_seeds,
+            )
+            for layer in layers
+        ),
+        edges=tuple(edges) if edges is not None else None,
+        traced=edges is not None,
+        base_parameters=sum(p.numel() for p in model.base_parameters()),
     )
-    traced: bool = False
-    base_parameters: int = Field(ge=0, description="parameters of the whole host model")
-
-    @classmethod
-    def from_model(cls, model: MorphableModel, *, run_id: str) -> ModelTopology:
-        """Describe ``model`` (edges from an fx trace, as the graph builder computes them)."""
-        layers = [model.layer(name) for name in model.layer_names]
-        edges = trace_edges(model, layers)
-        return cls(
-            run_id=run_id,
-            layers=tuple(
-                LayerTopology(
-                    layer_name=layer.layer_name,
-                    target=layer.target(),
-                    base_parameters=sum(p.numel() for p in layer.base.parameters()),
-                    num_seeds=layer.num_seeds,
-                )
-                for layer in layers
-            ),
-            edges=tuple(edges) if edges is not None else None,
-            traced=edges is not None,
-            base_parameters=sum(p.numel() for p in model.base_parameters()),
-        )
-
-    def structure(self) -> GraphStructure:
-        """The graph builder's static structure for this topology."""
-        return GraphStructure.from_layers(
-            [layer.layer_name for layer in self.layers],
-            [layer.target for layer in self.layers],
-            [layer.base_parameters for layer in self.layers],
-            self.edges,
-            traced=self.traced,
-        )
 
 
-class TrainingProgress(Contract):
-    """Where a training run is: its step, recent loss and parameter counts."""
-
-    run_id: str
-    step: int = Field(ge=0)
-    total_steps: int | None = Field(default=None, ge=1)
-    loss: float | None = Field(default=None, description="mean training loss of recent steps")
-    base_parameters: int = Field(ge=0)
-    kernel_parameters: int = Field(ge=0)
+def topology_structure(topology: ModelTopology) -> GraphStructure:
+    """The graph builder's static structure for a topology received from the training side."""
+    return GraphStructure.from_layers(
+        [layer.layer_name for layer in topology.layers],
+        [layer.target for layer in topology.layers],
+        [layer.base_parameters for layer in topology.layers],
+        topology.edges,
+        traced=topology.traced,
+    )
 
 
 @dataclass(frozen=True)
@@ -286,7 +256,8 @@ class TamiyoController:
                     self._topology = message
                     self._base_parameters = message.base_parameters
                     self._use_structure(
-                        message.structure(), {lay.layer_name: lay.target for lay in message.layers}
+                        topology_structure(message),
+                        {lay.layer_name: lay.target for lay in message.layers},
                     )
             elif isinstance(message, TrainingProgress):
                 if self._progress is None or message.step >= self._progress.step:
@@ -315,7 +286,12 @@ class TamiyoController:
             return  # a gate's refusal (ours): nothing was committed for it
         # The training side could not apply one of our decisions: its parameters never arrive.
         for decision_id, (layer, step, _) in list(self._committed.items()):
-            if (layer, step) == (refusal.layer_name, refusal.step):
+            matches = (
+                decision_id == refusal.decision_id
+                if refusal.decision_id is not None
+                else (layer, step) == (refusal.layer_name, refusal.step)  # an older producer
+            )
+            if matches:
                 del self._committed[decision_id]
                 self._reserved.pop(decision_id, None)
                 self.counters["failed_on_training_side"] += 1

@@ -31,8 +31,8 @@ have not finished (counted in ``counters["stall_ms"]``). Growth events are then 
 the step alone, so resumed runs repeat uninterrupted ones.
 
 The executor also publishes, through a :class:`~esper.oona.BackgroundPublisher` (never blocking),
-the model's :class:`~esper.tamiyo.controller.ModelTopology` once and
-:class:`~esper.tamiyo.controller.TrainingProgress` every ``progress_every_steps``, so a controller
+the model's :class:`~esper.contracts.ModelTopology` once and
+:class:`~esper.contracts.TrainingProgress` every ``progress_every_steps``, so a controller
 in another process can build its graphs.
 """
 
@@ -63,11 +63,12 @@ from esper.contracts import (
     RewardReport,
     SeedState,
     Topic,
+    TrainingProgress,
 )
 from esper.core import MorphableModel
 from esper.errors import ConfigurationError, EsperError
 from esper.oona import BackgroundPublisher, BusUnavailableError, Delivery, MessageBus
-from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, ModelTopology, TrainingProgress
+from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, model_topology
 from esper.tamiyo.reward import AdaptationOutcome, RewardWeights, compute_reward
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyGates
 from esper.tezzeret import TezzeretProcess, TezzeretWorker, find_or_enqueue, library_location
@@ -252,7 +253,7 @@ class GrowthExecutor:
         self._inbox: _CommandInbox | None = None
         if bus is not None and listen:
             self._inbox = _CommandInbox(bus, group=group, consumer=consumer)
-        self._publish(TOPOLOGY_TOPIC, ModelTopology.from_model(model, run_id=run_id))
+        self._publish(TOPOLOGY_TOPIC, model_topology(model, run_id=run_id))
 
     def _count_kernel(self, sign: int) -> Callable[[str, int, nn.Module], None]:
         def count(layer_name: str, seed_idx: int, module: nn.Module) -> None:
@@ -649,6 +650,7 @@ class GrowthExecutor:
         logger.warning("cannot apply decision %s: %s (%s)", decision.decision_id[:8], reason, gate)
         refusal = DecisionRefusal(
             run_id=self.run_id,
+            decision_id=decision.decision_id,
             step=decision.step,
             layer_name=decision.layer_name,
             action=decision.action,

@@ -31,10 +31,10 @@ from esper.tamiyo.baselines import BottleneckPolicy, RandomPolicy
 from esper.tamiyo.controller import (
     PROGRESS_TOPIC,
     TOPOLOGY_TOPIC,
-    ModelTopology,
     TamiyoController,
     TrainingProgress,
     load_policy,
+    model_topology,
 )
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
 from esper.tamiyo.safety import GATE_CONFIDENCE, GATE_PARAMETER_BUDGET, SafetyConfig, SafetyGates
@@ -186,7 +186,7 @@ def test_confidence_gate_refuses_a_random_policy() -> None:
 def _publish_run(
     bus: InProcessBus, model: MorphableModel, run_id: str, step: int, grads: dict[str, float]
 ) -> None:
-    bus.publish(TOPOLOGY_TOPIC, ModelTopology.from_model(model, run_id=run_id))
+    bus.publish(TOPOLOGY_TOPIC, model_topology(model, run_id=run_id))
     bus.publish(
         Topic.TELEMETRY_HEALTH,
         HealthSignalBatch(run_id=run_id, step=step, signals=tuple(_signals(step, grads))),
@@ -209,7 +209,7 @@ def test_without_a_model_the_controller_waits_for_topology_then_decides_once_per
     assert controller.run_cycle() is None and not controller.ready
     model = _model()
     _publish_run(bus, model, "r", 10, {"4": math.exp(6.0)})
-    bus.publish(TOPOLOGY_TOPIC, ModelTopology.from_model(_model(), run_id="other-run"))
+    bus.publish(TOPOLOGY_TOPIC, model_topology(_model(), run_id="other-run"))
     bus.publish(
         PROGRESS_TOPIC,
         TrainingProgress(

@@ -19,13 +19,15 @@ from esper.contracts import (
     AdaptationAction,
     AdaptationDecision,
     DecisionRefusal,
+    ModelTopology,
     RewardReport,
     SeedState,
     Topic,
+    TrainingProgress,
 )
 from esper.core import MorphableModel
 from esper.oona import InProcessBus
-from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, ModelTopology, TrainingProgress
+from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, model_topology
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
 from esper.tamiyo.reward import REWARD_COMPONENTS, AdaptationOutcome, reward_components
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyConfig, SafetyGates
@@ -405,7 +407,7 @@ def test_topology_and_progress_are_published_for_a_remote_controller(
 
     topology = _drain(bus, TOPOLOGY_TOPIC, ModelTopology)
     progress = _drain(bus, PROGRESS_TOPIC, TrainingProgress)
-    assert topology == [ModelTopology.from_model(run.model, run_id="run-1")]
+    assert topology == [model_topology(run.model, run_id="run-1")]
     assert [(p.step, p.loss, p.total_steps) for p in progress] == [(5, 2.0, 100), (10, 2.0, 100)]
     assert progress[0].base_parameters == sum(p.numel() for p in run.model.base_parameters())
 

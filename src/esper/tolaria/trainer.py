@@ -20,9 +20,8 @@ and every epoch: evaluate on the test split, write the epoch record, save a chec
 Growth is deterministic in step: decisions happen at fixed step intervals and a kernel is grafted
 exactly ``growth.graft_delay`` steps after its decision (see :mod:`esper.tolaria.growth`), so a
 run resumed from a checkpoint repeats the uninterrupted run bit for bit: weights, optimizer
-state, data order and every metric except the timings. (Torch's global RNG is restored too, but
-the background kernel-cache and compile threads draw from it; a host that uses it while training,
-e.g. for dropout, would not resume exactly.)
+state, data order, torch's global RNG (kernels are built from private generators, so background
+compiles and loads never draw from it) and every metric except the timings.
 """
 
 from __future__ import annotations

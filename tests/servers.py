@@ -31,12 +31,26 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
-def start_redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    """A private, throwaway ``redis-server`` on ``port`` (no persistence), ready to use."""
+def start_redis_server(
+    port: int, workdir: Path, *, persistent: bool = False
+) -> subprocess.Popen[bytes]:
+    """A private ``redis-server`` on ``port``, ready to use.
+
+    With ``persistent``, every write is appended and fsynced to ``workdir/appendonly*`` so a
+    server restarted on the same folder comes back with its streams and consumer groups.
+    """
+    persistence = (
+        ("--appendonly", "yes", "--appendfsync", "always")
+        if persistent
+        else (
+            "--appendonly",
+            "no",
+        )
+    )
     process = subprocess.Popen(
         [
             *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
+            *("--save", "", *persistence, "--dir", str(workdir)),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -842,7 +842,11 @@ class _CommandInbox:
         while self._to_ack:
             batch.append(self._to_ack.popleft())
         if batch:
-            self._subscription.ack(*batch)
+            try:
+                self._subscription.ack(*batch)
+            except BusUnavailableError:
+                self._to_ack.extendleft(reversed(batch))  # acknowledged once the bus is back
+                raise
 
     def drain(self) -> list[tuple[Delivery, AdaptationDecision | None]]:
         """Everything received so far (each delivery once)."""

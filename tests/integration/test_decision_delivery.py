@@ -1,0 +1,115 @@
+"""Decisions over Redis survive a Redis restart: none lost after it was acknowledged, duplicates
+ignored by the idempotent training side.
+
+The training side's growth executor consumes ``control.kasmina.commands`` from a private,
+persistent ``redis-server`` (AOF, fsync always) that is killed and restarted mid-run while the
+model keeps training.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import esper
+from esper.contracts import AdaptationAction, AdaptationDecision, SeedState, Topic
+from esper.oona import open_bus
+from esper.tamiyo.observation import BLUEPRINT_CATALOG
+from esper.tolaria.growth_executor import GrowthExecutor
+from esper.urza import UrzaArtifactSource, open_library
+from servers import free_port, start_redis_server
+
+pytestmark = pytest.mark.services
+
+MLP_H32 = next(option.spec for option in BLUEPRINT_CATALOG if option.name == "mlp_h32")
+
+
+def _germinate(layer: str) -> AdaptationDecision:
+    return AdaptationDecision(
+        run_id="delivery",
+        step=0,
+        action=AdaptationAction.GERMINATE,
+        layer_name=layer,
+        seed_idx=0,
+        blueprint=MLP_H32,
+        policy="test",
+        confidence=1.0,
+        uncertainty=0.0,
+    )
+
+
+def test_decisions_survive_a_redis_restart_and_duplicates_are_ignored(tmp_path: Path) -> None:
+    port = free_port()
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    server = start_redis_server(port, redis_dir, persistent=True)
+    url = f"redis://127.0.0.1:{port}/0?stream_prefix=esper-{uuid.uuid4().hex[:6]}"
+    library = open_library(
+        metadata_url=f"sqlite:///{tmp_path}/urza.sqlite3", blob_url=f"file://{tmp_path}/blobs"
+    )
+    training_bus, controller_bus = open_bus(url), open_bus(url)
+    torch.manual_seed(0)
+    model = esper.wrap(
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+        seeds_per_layer=2,
+        kernel_source=UrzaArtifactSource(library),
+        blend_steps=3,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    executor = GrowthExecutor(
+        model,
+        run_id="delivery",
+        library=library,
+        bus=training_bus,
+        optimizer=optimizer,
+        compile_worker=True,
+        evaluation_steps=5,
+    )
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+
+    def train_until(done: object, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:  # type: ignore[operator]
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step = model.step(graftable=executor.graftable(model.global_step + 1))
+            executor.on_step(step, float(loss.detach()))
+            time.sleep(0.002)
+        assert done(), "condition not reached"  # type: ignore[operator]
+
+    first, second = _germinate("0"), _germinate("2")
+    try:
+        controller_bus.publish(Topic.CONTROL_KASMINA_COMMANDS, first)
+        train_until(lambda: model.seed_state("0", 0) is not SeedState.DORMANT)
+        assert executor.counters["received"] == 1  # applied, and acknowledged
+
+        controller_bus.publish(Topic.CONTROL_KASMINA_COMMANDS, second)
+        server.send_signal(signal.SIGKILL)  # Redis dies with the second decision in its log
+        server.wait(timeout=10)
+        for _ in range(20):  # training goes on while the bus is down
+            train_until(lambda: True)
+        server = start_redis_server(port, redis_dir, persistent=True)
+        controller_bus.publish(Topic.CONTROL_KASMINA_COMMANDS, first)  # a duplicate, post-restart
+
+        train_until(lambda: model.seed_state("2", 0) is not SeedState.DORMANT)
+        train_until(lambda: executor.counters["duplicates"] >= 1)
+    finally:
+        executor.close()
+        training_bus.close()
+        controller_bus.close()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=10)
+        library.close()
+
+    assert executor.counters["received"] == 2  # both decisions, each applied once
+    assert executor.counters["germinated"] == 2
+    assert model.layer("0").seed_states[1] is SeedState.DORMANT  # the duplicate grew nothing
+    assert sum(1 for g in optimizer.param_groups if g.get("esper_seed")) == 2

@@ -6,6 +6,7 @@ Run ``esper --help`` for the commands.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -271,6 +272,10 @@ def _train(args: argparse.Namespace) -> int:
     from esper.tolaria.progress import RichProgress
     from esper.tolaria.trainer import resume_config, train
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from esper.tolaria.distributed import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))
     if args.resume is not None:
         config = resume_config(args.resume, args.overrides)
     elif args.config is not None:
@@ -286,12 +291,27 @@ def _train(args: argparse.Namespace) -> int:
             observer=progress,
             stop_after_epoch=args.stop_after_epoch,
         )
+    if not result.primary:
+        return 0  # another rank of a distributed run: rank 0 reports
     console.print(
         f"run {result.folder.run_id} {result.status} at epoch {result.epoch}: test score "
         f"{result.test_score:.4f}, {result.parameters} parameters; report: "
         f"{result.folder.report_path}"
     )
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` / ``--nproc=N`` option (each rank runs one process)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            kept.append(token)
+    return kept
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -444,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--stop-after-epoch", type=int, default=None, help="stop after this epoch's checkpoint"
     )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N ranks under torch.distributed (DDP on CPU via gloo), growing in lockstep",
+    )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
     train.set_defaults(handler=_train)
 
@@ -463,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import esper
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     esper.configure_logging(args.log_level.upper())
     try:
         return int(args.handler(args))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,24 @@ from esper.core.model_wrapper import MorphableModel
 from esper.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
+
+
+_RANK_LOCAL_BUFFERS = ("seed_state.layer_health", "seed_state.seed_health")
+"""Buffers that accumulate each rank's own batches between telemetry reads."""
+
+
+def broadcast_json(value: Any, *, src: int = 0, group: Any = None, device: Any = "cpu") -> Any:
+    """The source rank's JSON-able ``value`` on every rank (sent as UTF-8 bytes in a ``uint8``
+    tensor: nothing is pickled; other ranks' ``value`` is ignored)."""
+    payload = json.dumps(value).encode() if dist.get_rank(group) == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src, group=group)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if payload:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    if len(buffer):
+        dist.broadcast(buffer, src, group=group)
+    return json.loads(bytes(buffer.cpu().tolist()))
 
 
 class LockstepGrowth:
@@ -61,29 +79,31 @@ class LockstepGrowth:
 
     def broadcast(self, decisions: Sequence[AdaptationDecision] | None) -> list[AdaptationDecision]:
         """Every rank gets the source rank's ``decisions`` (other ranks pass ``None``)."""
-        payload = b""
-        if self.rank == self.src:
-            payload = json.dumps([d.model_dump(mode="json") for d in decisions or ()]).encode()
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=self._device)
-        dist.broadcast(size, self.src, group=self.group)
-        buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self._device)
-        if self.rank == self.src and payload:
-            buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-        if len(buffer):
-            dist.broadcast(buffer, self.src, group=self.group)
-        raw = bytes(buffer.cpu().tolist())
-        return [AdaptationDecision.model_validate(item) for item in json.loads(raw or b"[]")]
+        payload = [d.model_dump(mode="json") for d in decisions or ()]
+        received = broadcast_json(payload, src=self.src, group=self.group, device=self._device)
+        return [AdaptationDecision.model_validate(item) for item in received]
 
     # -- step boundary -------------------------------------------------------------------------
 
-    def step(self) -> bool:
+    def step(self, *, allowed: Mapping[str, Collection[int]] | None = None) -> bool:
         """The step boundary on every rank; returns whether the model's structure changed
-        (then rebuild the DDP wrapper with :meth:`ddp`)."""
+        (then rebuild the DDP wrapper with :meth:`ddp`).
+
+        Args:
+            allowed: seeds the caller allows to graft now (e.g. a deterministic schedule), by
+                layer name; ``None``: any. A seed is grafted only if allowed and loaded on every
+                rank.
+        """
         pending = self.model.pending_loads()
         graftable: dict[str, set[int]] = {}
         if pending:
             finished = torch.tensor(
-                [int(done) for _, _, done in pending], dtype=torch.int64, device=self._device
+                [
+                    int(done and (allowed is None or seed_idx in allowed.get(layer_name, ())))
+                    for layer_name, seed_idx, done in pending
+                ],
+                dtype=torch.int64,
+                device=self._device,
             )
             dist.all_reduce(finished, op=dist.ReduceOp.MIN, group=self.group)
             for (layer_name, seed_idx, _), everywhere in zip(
@@ -153,6 +173,26 @@ class LockstepGrowth:
             return accumulators / self.world_size
 
         return self.model.collect_telemetry(reduce=mean_across_ranks)
+
+    def replicas_identical(self) -> bool:
+        """Whether every rank holds bit-identical parameters, buffers and seed states (a
+        checksum per tensor, compared with two all-reduces; for end-of-run checks). Health
+        accumulators are left out: they hold each rank's own data until they are read."""
+        state = self.model.state_dict()
+        digest = torch.tensor(
+            [
+                float(t.double().sum())
+                for name, t in state.items()
+                if t.numel() and not name.endswith(_RANK_LOCAL_BUFFERS)
+            ]
+            + [float(int(s)) for layer in self._layers() for s in layer.seed_states],
+            dtype=torch.float64,
+            device=self._device,
+        )
+        low, high = digest.clone(), digest.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(torch.equal(low, high))
 
     def ddp(self, **ddp_options: Any) -> DistributedDataParallel:
         """A fresh DDP wrapper over the model's current parameters (call after a structural

@@ -44,6 +44,7 @@ from esper.contracts import (
     RewardReport,
 )
 from esper.core import MorphableModel
+from esper.core.lockstep import LockstepGrowth
 from esper.execution.grafted_kernel import GraftedKernel
 from esper.oona import MessageBus, open_bus
 from esper.tamiyo.controller import TamiyoController, load_policy
@@ -269,17 +270,28 @@ class GrowthDriver:
             and step <= settings.stop_fraction * self.total_steps
         )
 
-    def decide(self, step: int) -> list[Event]:
-        """One synchronous controller decision; an accepted one goes to the executor."""
+    def decide(self, step: int, *, lockstep: LockstepGrowth | None = None) -> list[Event]:
+        """One synchronous controller decision; an accepted one goes to the executor.
+
+        Under ``lockstep`` (a distributed run) the source rank decides and every rank receives
+        its decision, so all replicas apply the same growth.
+        """
         assert self.controller is not None and self.executor is not None
-        result = self.controller.decide(step)
-        if result.decision is not None:
-            self.executor.submit(result.decision)
-            self._decision_seeds[result.decision.decision_id] = result.decision.seed_idx
-            return [_decision_event(result.decision)]
-        if result.refusal is not None:
-            return [_refusal_event(result.refusal)]
-        return []
+        events: list[Event] = []
+        decision = None
+        if lockstep is None or lockstep.rank == lockstep.src:
+            result = self.controller.decide(step)
+            decision = result.decision
+            if decision is None and result.refusal is not None:
+                events.append(_refusal_event(result.refusal))
+        if lockstep is not None:
+            shared = lockstep.broadcast([decision] if decision is not None else [])
+            decision = shared[0] if shared else None
+        if decision is not None:
+            self.executor.submit(decision)
+            self._decision_seeds[decision.decision_id] = decision.seed_idx
+            events.append(_decision_event(decision))
+        return events
 
     def counters(self) -> dict[str, int]:
         """The controller's and the executor's counters (``executor.stall_ms``: time the loop

@@ -558,6 +558,7 @@ class GrowthExecutor:
             self.counters["rolled_back"] += 1
             record.rollback = DecisionRefusal(
                 run_id=self.run_id,
+                decision_id=record.decision.decision_id,
                 step=step,
                 layer_name=layer,
                 action=AdaptationAction.FOSSILIZE,

@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -42,6 +44,7 @@ import torch
 import esper
 from esper.contracts import SeedState
 from esper.core import MorphableModel
+from esper.core.lockstep import LockstepGrowth, broadcast_json
 from esper.tolaria.checkpoint import (
     capture,
     load_checkpoint,
@@ -51,6 +54,7 @@ from esper.tolaria.checkpoint import (
 )
 from esper.tolaria.config import RunConfig, TrainSection, load_config
 from esper.tolaria.datasets import TensorSplit, hold_out_validation, load_dataset
+from esper.tolaria.distributed import RankContext
 from esper.tolaria.evaluation import evaluate, score_name, task_loss
 from esper.tolaria.growth import GrowthDriver, build_growth
 from esper.tolaria.hosts import build_host
@@ -74,6 +78,8 @@ class RunResult:
     test_score: float
     parameters: int
     model: MorphableModel
+    primary: bool = True
+    """False on ranks other than 0 of a distributed run (their folder was a scratch one)."""
 
 
 # -- builders: config -> objects -----------------------------------------------------------------
@@ -185,16 +191,25 @@ def train(
     observer = observer or SilentObserver()
     torch.set_num_threads(config.run.threads)
     started = time.perf_counter()
+    ranks = RankContext.from_environment()  # under torchrun: one replica per rank
+    is_main = ranks is None or ranks.is_main
+    if not is_main:
+        observer = SilentObserver()  # rank 0 reports progress
 
     # -- run folder, data, model, optimizer ---------------------------------------------------
-    if resume is not None:
-        folder = RunFolder.open(resume)
-    else:
-        folder = RunFolder.create(config.run.dir, config.run.id or new_run_id(config.run.name))
-        folder.config_path.write_text(config.to_yaml())
+    resumed_from = RunFolder.open(resume) if resume is not None else None
+    if is_main:
+        folder = resumed_from or RunFolder.create(
+            config.run.dir, config.run.id or new_run_id(config.run.name)
+        )
+        if resumed_from is None:
+            folder.config_path.write_text(config.to_yaml())
+    run_id = broadcast_json(folder.run_id if is_main else None) if ranks else folder.run_id
+    if not is_main:  # only rank 0 writes the run folder; the others keep a scratch one
+        folder = RunFolder.create(tempfile.mkdtemp(prefix="esper-rank-"), run_id)
     growth: GrowthDriver | None = None
     if config.growth.enabled:  # first: a compile worker process starts up meanwhile
-        growth = build_growth(config, run_id=folder.run_id, log_dir=folder.path)
+        growth = build_growth(config, run_id=run_id, log_dir=folder.path)
     try:
         data, x_val, y_val = build_data(config)
         regression = data.is_regression
@@ -215,7 +230,7 @@ def train(
 
         start_epoch = 0
         wall_before = 0.0
-        if resume is not None and (checkpoints := folder.checkpoints()):
+        if resumed_from is not None and (checkpoints := resumed_from.checkpoints()):
             epoch, path = checkpoints[-1]
             checkpoint = load_checkpoint(path)
             # a fresh wrap re-grafts the checkpoint's kernels, which re-adds their optimizer groups
@@ -232,6 +247,8 @@ def train(
             metrics.truncate(0)  # interrupted before its first checkpoint: start over
         if growth is not None and config.growth.warm_start:
             folder.write_info(warm_up_seconds=growth.warm_up(model))  # before step 1: no stall
+        lockstep = LockstepGrowth(model) if ranks else None
+        trained: torch.nn.Module = lockstep.ddp() if lockstep else model
     except BaseException:  # setup failed: stop the compile worker it may have started
         if growth is not None:
             growth.close()
@@ -278,23 +295,31 @@ def train(
                 compiling = growth.compiling() if growth else 0  # in flight as the step starts
                 tic = time.perf_counter()
                 batch = order[start : start + batch_size]
+                if ranks is not None:
+                    batch = ranks.shard(batch)  # this rank's share of the global batch
                 # -- one training step ------------------------------------------------------
-                outputs = model(data.x_train[batch])
+                outputs = trained(data.x_train[batch])
                 loss = task_loss(outputs, data.y_train[batch], regression=regression)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 # -- step boundary: grafts due now join, alphas ramp --------------------------
                 graftable = growth.graftable(model.global_step + 1) if growth else None
-                step = model.step(graftable=graftable)
-                loss_value = float(loss.detach())
+                if lockstep is None:
+                    step = model.step(graftable=graftable)
+                else:  # every rank grafts the same kernels at the same boundary
+                    if lockstep.step(allowed=graftable):
+                        trained = lockstep.ddp()  # DDP registers parameters when it is built
+                    step = model.global_step
+                loss_value = ranks.mean(loss) if ranks else float(loss.detach())
                 events: list[dict[str, Any]] = []
                 if growth is not None:
                     events += growth.after_step(step, loss_value)  # decisions applied, rewards
                     if step % config.growth.telemetry_every == 0:
-                        growth.observe_telemetry(step, model.collect_telemetry())
+                        signals = lockstep.collect_telemetry() if lockstep else None
+                        growth.observe_telemetry(step, signals or model.collect_telemetry())
                     if growth.is_decision_step(step):
-                        events += growth.decide(step)  # Tamiyo, synchronous and deterministic
+                        events += growth.decide(step, lockstep=lockstep)  # Tamiyo, in step
                 step_ms = (time.perf_counter() - tic) * 1e3
                 # -- bookkeeping (outside the timed step) -------------------------------------
                 epoch_loss += loss.detach() * len(batch)
@@ -342,7 +367,7 @@ def train(
             }
             metrics.write("epoch", **record)
             wall = wall_before + time.perf_counter() - started
-            if config.train.checkpoint:
+            if config.train.checkpoint and is_main:
                 checkpoint = capture(
                     epoch=epoch,
                     step=model.global_step,
@@ -369,6 +394,10 @@ def train(
                 break
         else:
             status = "completed"
+        if lockstep is not None:
+            folder.write_info(
+                world_size=lockstep.world_size, replicas_identical=lockstep.replicas_identical()
+            )
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -380,9 +409,13 @@ def train(
         model.kernel_cache.close()
         folder.write_info(status=status, wall_seconds=wall_before + time.perf_counter() - started)
         observer.on_end(status=status)
-        if status != "failed":
+        if status != "failed" and is_main:
             write_report(folder.path)
             folder.write_info(summary=summarize(folder).as_dict())
+        if ranks is not None:
+            ranks.close()
+        if not is_main:
+            shutil.rmtree(folder.path.parent, ignore_errors=True)  # the scratch folder
 
     return RunResult(
         folder=folder,
@@ -393,6 +426,7 @@ def train(
         test_score=test_score,
         parameters=parameter_count(model),
         model=model,
+        primary=is_main,
     )
 
 

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from ratio_timer import percentile
 from torch import nn
 
 import esper
 from esper.contracts import BlueprintSpec, KernelTarget, LayerKind
 from esper.tezzeret import TezzeretWorker, find_or_enqueue
 from esper.urza import ArtifactLibrary, open_library
+from ratio_timer import percentile
 
 
 def _library(folder: Path) -> ArtifactLibrary:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from esper.oona.backends import ACCEPTED_SCHEMES, open_bus
 from esper.oona.background_publisher import BackgroundPublisher, PublisherCounters
+from esper.oona.background_subscriber import BackgroundSubscriber
 from esper.oona.bus import DEFAULT_MAX_LEN, Delivery, GroupStart, MessageBus, Subscription
 from esper.oona.errors import BusUnavailableError, PayloadDecodeError, UnknownPayloadTypeError
 from esper.oona.in_process import InProcessBus, InProcessSubscription
@@ -29,6 +30,7 @@ __all__ = [
     "ACCEPTED_SCHEMES",
     "DEFAULT_MAX_LEN",
     "BackgroundPublisher",
+    "BackgroundSubscriber",
     "BusUnavailableError",
     "Delivery",
     "GroupStart",

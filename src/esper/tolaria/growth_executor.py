@@ -67,7 +67,11 @@ from esper.contracts import (
 )
 from esper.core import MorphableModel
 from esper.errors import ConfigurationError, EsperError
-from esper.oona import BackgroundPublisher, BusUnavailableError, Delivery, MessageBus
+from esper.oona import (
+    BackgroundPublisher,
+    BackgroundSubscriber,
+    MessageBus,
+)
 from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, model_topology
 from esper.tamiyo.reward import AdaptationOutcome, RewardWeights, compute_reward
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyGates
@@ -250,9 +254,15 @@ class GrowthExecutor:
         elif library is not None and compile_worker == "process":
             self._worker_process = TezzeretProcess(library_location(library), poll_interval_s=0.1)
         self.publisher = BackgroundPublisher(bus, name=f"executor-{run_id}") if bus else None
-        self._inbox: _CommandInbox | None = None
+        self._inbox: BackgroundSubscriber[AdaptationDecision] | None = None
         if bus is not None and listen:
-            self._inbox = _CommandInbox(bus, group=group, consumer=consumer)
+            self._inbox = BackgroundSubscriber(
+                bus,
+                Topic.CONTROL_KASMINA_COMMANDS,
+                group=group,
+                consumer=consumer,
+                contract=AdaptationDecision,
+            )
         self._publish(TOPOLOGY_TOPIC, model_topology(model, run_id=run_id))
 
     def _count_kernel(self, sign: int) -> Callable[[str, int, nn.Module], None]:
@@ -801,65 +811,3 @@ def _materialize(losses: list[Loss]) -> list[float]:
         return [float(x) for x in losses]
     values = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist())
     return [next(values) if isinstance(x, torch.Tensor) else float(x) for x in losses]
-
-
-class _CommandInbox:
-    """Consumes ``control.kasmina.commands`` on a background thread (the training thread only
-    drains its queue); acknowledges deliveries the executor has taken in."""
-
-    def __init__(self, bus: MessageBus, *, group: str, consumer: str) -> None:
-        self._subscription = bus.subscribe(Topic.CONTROL_KASMINA_COMMANDS, group, consumer)
-        self._received: deque[tuple[Delivery, AdaptationDecision | None]] = deque()
-        self._to_ack: deque[Delivery] = deque()
-        self._stop = threading.Event()
-        self.errors = 0
-        self._thread = threading.Thread(target=self._run, name="executor-inbox", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        claimed = False
-        while not self._stop.is_set():
-            try:
-                self._ack_pending()
-                deliveries = [] if claimed else self._subscription.claim_stale(10_000)
-                claimed = True
-                deliveries += self._subscription.poll(64, block_ms=100)
-            except BusUnavailableError as exc:
-                self.errors += 1
-                logger.warning("executor inbox: bus unavailable (%s); retrying", exc)
-                self._stop.wait(0.5)
-                continue
-            for delivery in deliveries:
-                try:
-                    decision: AdaptationDecision | None = delivery.decode(AdaptationDecision)
-                except Exception as exc:
-                    logger.warning("executor inbox: dropping %s: %s", delivery.message_id, exc)
-                    decision = None
-                self._received.append((delivery, decision))
-        self._ack_pending()
-
-    def _ack_pending(self) -> None:
-        batch = []
-        while self._to_ack:
-            batch.append(self._to_ack.popleft())
-        if batch:
-            try:
-                self._subscription.ack(*batch)
-            except BusUnavailableError:
-                self._to_ack.extendleft(reversed(batch))  # acknowledged once the bus is back
-                raise
-
-    def drain(self) -> list[tuple[Delivery, AdaptationDecision | None]]:
-        """Everything received so far (each delivery once)."""
-        items = []
-        while self._received:
-            items.append(self._received.popleft())
-        return items
-
-    def ack(self, deliveries: list[Delivery]) -> None:
-        """Acknowledge on the inbox thread, off the training thread."""
-        self._to_ack.extend(deliveries)
-
-    def close(self, timeout: float) -> None:
-        self._stop.set()
-        self._thread.join(timeout)

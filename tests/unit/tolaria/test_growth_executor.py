@@ -416,7 +416,7 @@ def test_topology_and_progress_are_published_for_a_remote_controller(
 def test_compile_worker_can_be_a_child_process(library: ArtifactLibrary) -> None:
     run = _run(library, compile_worker="process")
     process = run.executor._worker_process
-    assert process is not None and process.poll() is None
+    assert process is not None and process.process.poll() is None
     run.executor.submit(_germinate())
 
     outcomes = run.until(lambda o: bool(o.grafted), max_steps=60_000)
@@ -424,7 +424,7 @@ def test_compile_worker_can_be_a_child_process(library: ArtifactLibrary) -> None
 
     assert outcomes[-1].grafted == (("0", 0),)
     assert run.executor.worker is None  # no compile thread in this process
-    assert process.poll() is not None  # stopped by close()
+    assert process.process.poll() is not None  # stopped by close()
 
 
 def test_in_process_autonomous_loop_grows_the_model(library: ArtifactLibrary) -> None:

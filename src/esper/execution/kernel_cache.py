@@ -9,7 +9,6 @@ graft takes its own trainable copy, so seeds never share weights.
 
 from __future__ import annotations
 
-import copy
 import logging
 import statistics
 import threading
@@ -42,8 +41,41 @@ class CachedKernel:
 
     def instantiate(self, *, device: torch.device, dtype: torch.dtype) -> nn.Module:
         """An independent, trainable copy of the kernel on ``device`` in ``dtype``."""
-        module = copy.deepcopy(self.template).to(device=device, dtype=dtype)
+        module = clone_module(self.template)
+        reference = next(iter((*module.parameters(), *module.buffers())), None)
+        if reference is not None and (reference.device, reference.dtype) != (device, dtype):
+            module = module.to(device=device, dtype=dtype)
         return module.requires_grad_(True)
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with its own parameters and buffers (cloned tensors) and its own
+    containers, sharing nothing mutable with the original.
+
+    ``copy.deepcopy`` does the same through the generic pickle protocol, visiting every
+    attribute of every submodule; this walks only what an ``nn.Module`` holds, which makes a
+    cache-hit graft several times faster.
+    """
+    clone = module.__class__.__new__(module.__class__)
+    state = {
+        key: value.copy() if isinstance(value, dict | set | list) else value
+        for key, value in module.__dict__.items()
+    }
+    parameters = module._parameters.copy()
+    for name, param in parameters.items():
+        if param is not None:
+            parameters[name] = nn.Parameter(param.detach().clone(), param.requires_grad)
+    buffers = module._buffers.copy()
+    for name, buffer in buffers.items():
+        if buffer is not None:
+            buffers[name] = buffer.clone()
+    children = module._modules.copy()
+    for name, child in children.items():
+        if child is not None:
+            children[name] = clone_module(child)
+    state.update(_parameters=parameters, _buffers=buffers, _modules=children)
+    clone.__dict__.update(state)
+    return clone
 
 
 def _module_nbytes(module: nn.Module) -> int:

@@ -31,6 +31,7 @@ from esper.execution import (
     KernelCache,
 )
 from esper.execution.artifact_sources import ArtifactSource
+from esper.execution.kasmina_layer import has_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class MorphableModel(nn.Module):
 
     def _bind_forward(self) -> None:
         """Call the wrapped model's ``forward`` directly (no extra module call per forward)."""
-        forward = self.model if model_has_hooks(self.model) else self.model.forward
+        forward = self.model if has_hooks(self.model) else self.model.forward
         object.__setattr__(self, "forward", forward)  # not registered as a child module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -365,16 +366,6 @@ class MorphableModel(nn.Module):
 
 def _is_seed_name(name: str) -> bool:
     return ".seeds." in f".{name}"
-
-
-def model_has_hooks(module: nn.Module) -> bool:
-    """Whether a module has its own forward/backward hooks (then it must be called, not bypassed)."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
 
 
 def _replace_modules(root: nn.Module, replacements: Mapping[int, nn.Module]) -> None:

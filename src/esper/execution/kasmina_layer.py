@@ -66,7 +66,9 @@ class SeedEvents(Protocol):
         ...
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether a module has forward/backward hooks of its own (then it must be called, not
+    bypassed by binding its ``forward``)."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
@@ -197,7 +199,7 @@ class KasminaLayer(nn.Module):
         forward: Callable[..., Any]
         if self._running_seeds or self._record_health:
             forward = self._forward_morphed
-        elif _has_hooks(self.base):
+        elif has_hooks(self.base):
             forward = self.base  # call it as a module so the base's own hooks still run
         else:
             forward = self.base.forward

@@ -1,5 +1,5 @@
 """One interface, three backends: the same library tests on SQLite + folder, PostgreSQL + S3, and
-the HTTP service (a ``python -m esper.urza`` subprocess over PostgreSQL + S3) through HttpUrza;
+the HTTP service (an ``esper urza serve`` subprocess over PostgreSQL + S3) through HttpUrza;
 then what only the service does: bearer tokens, id checks on raw requests, streamed downloads,
 its OpenAPI schema, and clear errors when it cannot be reached.
 
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
+import json
 import os
+import random
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -68,8 +72,13 @@ class Backend:
     corrupt: Callable[[str, bytes], None]
 
 
+_HIDDEN_WIDTHS = itertools.count(random.randrange(1, 30_000))
+"""Widths no other spec of this test run has: a spec of its own for each test on the shared service."""
+
+
 def unique_spec() -> BlueprintSpec:
-    return BlueprintSpec(family="residual_mlp", params={"hidden": 16, "nonce": uuid.uuid4().hex})
+    """A valid blueprint no other test of this run submits (the service checks specs)."""
+    return BlueprintSpec(family="residual_mlp", params={"hidden": next(_HIDDEN_WIDTHS)})
 
 
 def linear(in_features: int = 16, out_features: int = 8, device: str = "cpu") -> KernelTarget:
@@ -86,15 +95,40 @@ def linear(in_features: int = 16, out_features: int = 8, device: str = "cpu") ->
 def make_kernel(
     size: int = 4096, *, spec: BlueprintSpec | None = None, target: KernelTarget | None = None
 ) -> tuple[bytes, KernelMetadata]:
-    artifact = os.urandom(size)
+    """A well-formed kernel artifact of exactly ``size`` bytes with random float32 weights (one
+    tensor sized to fill it, the header padded with spaces as safetensors allows), and the
+    metadata that describes it. Urza reads artifact headers; it never builds their kernels."""
+    spec, target = spec or unique_spec(), target or linear()
+    entry = {
+        "format": "esper.kernel",
+        "format_version": 1,
+        "blueprint": spec.model_dump(mode="json"),
+        "target": target.model_dump(mode="json"),
+        "init_seed": 0,
+    }
+    metadata_entry = {"esper.kernel": json.dumps(entry, sort_keys=True, separators=(",", ":"))}
+    elements = (size - 8) // 4
+    while True:
+        header = {
+            "__metadata__": metadata_entry,
+            "weight": {"dtype": "F32", "shape": [elements], "data_offsets": [0, elements * 4]},
+        }
+        text = json.dumps(header, separators=(",", ":")).encode()
+        padding = size - 8 - len(text) - elements * 4
+        if padding >= 0:
+            break
+        elements -= 1
+    header_bytes = text + b" " * padding
+    payload = os.urandom(elements * 4)
+    artifact = struct.pack("<Q", len(header_bytes)) + header_bytes + payload
     metadata = KernelMetadata(
         kernel_id=hashlib.sha256(artifact).hexdigest(),
-        blueprint=spec or unique_spec(),
-        target=target or linear(),
+        blueprint=spec,
+        target=target,
         dtype="float32",
-        parameter_count=size // 4,
+        parameter_count=elements,
         size_bytes=size,
-        checksum=hashlib.sha256(artifact).hexdigest(),
+        checksum=hashlib.sha256(payload).hexdigest(),
         init_seed=0,
     )
     return artifact, metadata
@@ -146,7 +180,7 @@ def _boto_credentials() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def urza_service(service_storage: tuple[str, str]) -> Iterator[ServiceProcess]:
-    """``python -m esper.urza`` on a free port over PostgreSQL + S3."""
+    """``esper urza serve`` on a free port over PostgreSQL + S3."""
     metadata_url, blob_url = service_storage
     with ServiceProcess(
         metadata_url=metadata_url, blob_url=blob_url, token=TOKEN, env=AWS_ENV

@@ -17,8 +17,8 @@ from esper.contracts import (
 )
 from esper.errors import ArtifactIntegrityError, ConfigurationError, KernelNotFoundError
 from esper.urza import ArtifactLibrary, BlueprintNotFoundError, JobNotFoundError, JobStateError
-from esper.urza.errors import KernelMetadataMismatchError
 from esper.urza.blob_stores import LocalBlobStore
+from esper.urza.errors import KernelMetadataMismatchError
 from esper.urza.storage_library import StorageLibrary
 
 

@@ -38,7 +38,13 @@ from esper.contracts import (
     KernelTarget,
     LayerKind,
 )
-from esper.errors import ArtifactIntegrityError, ConfigurationError, KernelNotFoundError
+from esper.blueprints import create_artifact
+from esper.errors import (
+    ArtifactFormatError,
+    ArtifactIntegrityError,
+    ConfigurationError,
+    KernelNotFoundError,
+)
 from esper.urza import (
     ArtifactLibrary,
     AuthenticationError,
@@ -51,6 +57,7 @@ from esper.urza import (
     open_storage_library,
 )
 from esper.urza.blob_stores import LocalBlobStore
+from esper.urza.errors import KernelMetadataMismatchError
 from esper.urza.storage_library import StorageLibrary
 
 pytestmark = pytest.mark.services
@@ -399,6 +406,37 @@ def test_stats_count_what_was_added(backend: Backend) -> None:
     )
     assert (after.kernels - before.kernels, after.kernel_bytes - before.kernel_bytes) == (1, 1234)
     drain_queue(library)
+
+
+def test_every_backend_refuses_metadata_that_does_not_describe_the_bytes(
+    backend: Backend,
+) -> None:
+    """Issue 9 item 7, on SQLite + folder, PostgreSQL + S3 and the HTTP service."""
+    library = backend.library
+    spec = unique_spec()
+    data, real = create_artifact(spec, linear())
+    before = library.stats()
+
+    mislabelled = real.model_copy(
+        update={
+            "blueprint": BlueprintSpec(family="lowrank_adapter", params={"rank": 4}),
+            "parameter_count": 1,
+        }
+    )
+    with pytest.raises(KernelMetadataMismatchError, match="parameter_count"):
+        library.put_kernel(data, mislabelled)
+    junk = os.urandom(len(data))
+    with pytest.raises(ArtifactFormatError, match="not an Esper kernel artifact"):
+        library.put_kernel(
+            junk, real.model_copy(update={"kernel_id": hashlib.sha256(junk).hexdigest()})
+        )
+
+    after = library.stats()
+    assert (after.kernels, after.kernel_bytes) == (before.kernels, before.kernel_bytes)
+    assert library.find_kernels(blueprint_id=spec.blueprint_id) == []
+    with pytest.raises(KernelNotFoundError):
+        library.get_kernel_bytes(real.kernel_id)
+    assert library.put_kernel(data, real) == real  # the truthful put is stored
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ class Envelope(Contract):
     topic: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,127}$")
     sender: Name
     timestamp: Timestamp = Field(default_factory=time.time)
-    trace_id: str = Field(default_factory=_new_event_id, max_length=64)
-    payload_type: str = Field(min_length=1, max_length=100)
+    trace_id: str = Field(default_factory=_new_event_id, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    payload_type: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
     payload: dict[str, Any]
 
 

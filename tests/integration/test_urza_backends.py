@@ -30,6 +30,7 @@ import httpx
 import psycopg
 import pytest
 
+from esper.blueprints import create_artifact
 from esper.contracts import (
     BlueprintSpec,
     BlueprintStatus,
@@ -38,7 +39,6 @@ from esper.contracts import (
     KernelTarget,
     LayerKind,
 )
-from esper.blueprints import create_artifact
 from esper.errors import (
     ArtifactFormatError,
     ArtifactIntegrityError,

@@ -144,8 +144,11 @@ def test_kernel_search_and_jobs_paginate(
         == library.find_kernels(limit=2, offset=1)
     )
     blueprint_id = library.submit_blueprint(spec).blueprint_id
-    jobs = [library.enqueue_job(blueprint_id, linear_target(), init_seed=s) for s in range(4)]
-    assert [j.job_id for j in remote.list_jobs(limit=2, offset=2)] == [j.job_id for j in jobs[2:]]
+    for seed in range(4):
+        library.enqueue_job(blueprint_id, linear_target(), init_seed=seed)
+    jobs = library.list_jobs()
+    assert len(jobs) == 4
+    assert remote.list_jobs(limit=2, offset=2) == jobs[2:] == library.list_jobs(limit=3, offset=2)
 
 
 def test_limits_come_from_the_environment_with_clear_errors() -> None:

@@ -2,8 +2,8 @@
 
 Run: ``python benchmarks/urza_fetch.py [--size 100000] [--trials 31] [--fetches 20]``.
 
-One random artifact of ``--size`` bytes is stored in an embedded library in a temporary folder;
-the same storage is then served by ``python -m esper.urza`` in a subprocess on 127.0.0.1. Each
+One real artifact of about ``--size`` bytes is stored in an embedded library in a temporary folder;
+the same storage is then served by ``esper urza serve`` in a subprocess on 127.0.0.1. Each
 trial fetches the kernel ``--fetches`` times through :class:`UrzaArtifactSource` (what the kernel
 cache calls, digest check included) from each of three sources, in an order that rotates from
 trial to trial: the embedded library, a second embedded handle (the A/A control: its ratio to the
@@ -15,8 +15,6 @@ p50/p99 latency per source over every fetch, and the ratio of each median to the
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import secrets
 import statistics
 import tempfile
@@ -26,27 +24,19 @@ from pathlib import Path
 
 import httpx
 
+from esper.blueprints import create_artifact
 from esper.contracts import BlueprintSpec, KernelMetadata, KernelTarget, LayerKind
 from esper.urza import HttpUrza, ServiceProcess, UrzaArtifactSource, open_storage_library
 
 
 def make_artifact(size: int) -> tuple[bytes, KernelMetadata]:
-    """Random bytes and metadata whose id and size match them."""
-    artifact = os.urandom(size)
+    """A real kernel artifact of about ``size`` bytes (a residual MLP on a 64->64 layer, whose
+    width sets the size), with its metadata: the library refuses bytes that are no artifact."""
     target = KernelTarget(
         layer_kind=LayerKind.LINEAR, in_features=64, out_features=64, channel_dim=-1, spatial_dims=0
     )
-    metadata = KernelMetadata(
-        kernel_id=hashlib.sha256(artifact).hexdigest(),
-        blueprint=BlueprintSpec(family="residual_mlp", params={"hidden": 64}),
-        target=target,
-        dtype="float32",
-        parameter_count=size // 4,
-        size_bytes=size,
-        checksum=hashlib.sha256(artifact).hexdigest(),
-        init_seed=0,
-    )
-    return artifact, metadata
+    hidden = max(1, min(65536, (size // 4 - 64) // 129))  # 129 * hidden + 64 parameters
+    return create_artifact(BlueprintSpec(family="residual_mlp", params={"hidden": hidden}), target)
 
 
 def time_fetches(fetch: Callable[[str], bytes], kernel_id: str, count: int) -> list[float]:
@@ -112,7 +102,7 @@ def main() -> None:
 
     baseline = statistics.median(latencies[names[0]])
     print(
-        f"kernel fetch of a {args.size:,}-byte artifact (digest-checked), "
+        f"kernel fetch of a {metadata.size_bytes:,}-byte artifact (digest-checked), "
         f"{args.trials} interleaved trials x {args.fetches} fetches per source"
     )
     print(f"{'source':<30} {'p50 ms':>9} {'p99 ms':>9} {'p50 / embedded':>15}")

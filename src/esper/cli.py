@@ -138,6 +138,7 @@ def _open_library(args: argparse.Namespace) -> ArtifactLibrary:
 
 
 def _urza_serve(args: argparse.Namespace) -> int:
+    from esper.tezzeret import RegistryCatalog
     from esper.urza import UrzaSettings, serve
 
     settings = UrzaSettings.from_env()
@@ -149,9 +150,12 @@ def _urza_serve(args: argparse.Namespace) -> int:
     overrides = {"metadata_url": args.metadata_url, "blob_url": args.blob_url}
     if args.run_dir is not None:
         overrides["run_dir"] = args.run_dir
+    limits = ("max_artifact_bytes", "max_concurrent_uploads", "max_kernel_parameters")
+    overrides["limits"] = settings.limits.updated(**{k: getattr(args, k) for k in limits})
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     console.print(f"Urza service on http://{args.host}:{args.port} (Ctrl-C stops it)")
-    serve(host=args.host, port=args.port, settings=settings, log_level=args.log_level.lower())
+    level, catalog = args.log_level.lower(), RegistryCatalog()
+    serve(host=args.host, port=args.port, settings=settings, catalog=catalog, log_level=level)
     return 0
 
 
@@ -404,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metadata-url", default=None, help="sqlite:///path or postgresql://...")
     serve.add_argument("--blob-url", default=None, help="file:///path or s3://bucket/prefix")
     serve.add_argument("--run-dir", default=None, help="folder of the embedded defaults")
+    for flag, what in (("artifact-bytes", "kernel upload bytes (512 MiB)"),
+                       ("concurrent-uploads", "uploads at once (8)"),
+                       ("kernel-parameters", "kernel parameters a job may ask for")):  # fmt: skip
+        serve.add_argument(f"--max-{flag}", type=int, default=None, help=f"most {what}")
     serve.set_defaults(handler=_urza_serve)
 
     tezzeret = commands.add_parser("tezzeret", help="the blueprint compiler").add_subparsers(

@@ -4,6 +4,8 @@
   next training steps run.
 * Redis stopped mid-run: telemetry publishing never blocks the training loop, drops are counted,
   and publishing resumes when Redis comes back.
+* The library refuses a compiled kernel: the compile job fails once, with the reason, and the
+  germination waiting for it is refused at once; training goes on.
 """
 
 from __future__ import annotations
@@ -17,10 +19,23 @@ import torch
 from torch import nn
 
 import esper
-from esper.contracts import HealthSignalBatch, SeedState, Topic
+from esper.blueprints import create_artifact
+from esper.contracts import (
+    AdaptationAction,
+    AdaptationDecision,
+    BlueprintSpec,
+    CompileJobStatus,
+    HealthSignalBatch,
+    KernelFailed,
+    KernelTarget,
+    LayerKind,
+    SeedState,
+    Topic,
+)
 from esper.errors import KernelLoadError
-from esper.oona import OonaTelemetrySink, open_bus
-from esper.urza import UrzaArtifactSource, open_library
+from esper.oona import InProcessBus, OonaTelemetrySink, open_bus
+from esper.tolaria.growth_executor import GrowthExecutor
+from esper.urza import HttpUrza, ServiceProcess, UrzaArtifactSource, open_library
 from servers import free_port, start_redis_server
 
 
@@ -114,3 +129,90 @@ def test_redis_stopped_mid_run_drops_telemetry_without_blocking_and_recovers(
         bus.close()
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_refused_artifact_fails_its_job_once_and_the_trainer_hears_at_once(
+    tmp_path: Path,
+) -> None:
+    """Issue 9 item 8, end to end: ``esper urza serve --max-artifact-bytes`` below the size of
+    the compiled kernel (but above its tensors, so the job is admitted): the worker compiles
+    once, the library refuses the artifact, the job ends FAILED with the reason and
+    ``kernel.failed`` is announced; the training side refuses the germination with that reason
+    at the next step boundaries, the seed stays dormant (exact) and training goes on."""
+    spec = BlueprintSpec(family="residual_mlp", params={"hidden": 32, "activation": "relu"})
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    target = KernelTarget(
+        layer_kind=LayerKind.LINEAR, in_features=8, out_features=16, channel_dim=-1, spatial_dims=0
+    )
+    data, metadata = create_artifact(spec, target)
+    tensor_bytes = metadata.parameter_count * 4
+    limit = (tensor_bytes + len(data)) // 2  # the tensors fit, the artifact does not
+
+    token = "faults-token"
+    with ServiceProcess(
+        metadata_url=f"sqlite:///{tmp_path / 'urza.sqlite3'}",
+        blob_url=str(tmp_path / "blobs"),
+        token=token,
+        options=["--max-artifact-bytes", str(limit)],
+    ) as service:
+        library = HttpUrza(service.url, token=token)
+        bus = InProcessBus()
+        failures = bus.subscribe(Topic.KERNEL_FAILED, "test", "t")
+        model = esper.wrap(host, seeds_per_layer=2, kernel_source=UrzaArtifactSource(library))
+        assert model.layer("0").target() == target
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        executor = GrowthExecutor(
+            model,
+            run_id="faults",
+            library=library,
+            bus=bus,
+            optimizer=optimizer,
+            compile_worker=True,
+            evaluation_steps=5,
+        )
+        assert executor.worker is not None
+        executor.submit(
+            AdaptationDecision(
+                run_id="faults",
+                step=0,
+                action=AdaptationAction.GERMINATE,
+                layer_name="0",
+                seed_idx=0,
+                blueprint=spec,
+                policy="test",
+                confidence=1.0,
+                uncertainty=0.0,
+            )
+        )
+        refusals = []
+        losses = []
+        deadline = time.monotonic() + 120
+        while not refusals and time.monotonic() < deadline:
+            losses.append(_train_step(model, optimizer))
+            refusals += executor.on_step(model.global_step, losses[-1]).refusals
+            time.sleep(0.01)
+        assert len(refusals) == 1, "the germination was never refused"
+        refusal = refusals[0]
+        assert refusal.gate == "compile_failed"
+        assert "ArtifactTooLargeError" in refusal.reason and str(limit) in refusal.reason
+
+        (job,) = library.list_jobs(blueprint_id=spec.blueprint_id)
+        assert job.status is CompileJobStatus.FAILED and job.attempts == 1
+        assert job.error is not None and job.error in refusal.reason
+        worker = executor.worker
+        assert (worker.counters["compiled"], worker.counters["refused"]) == (0, 1)
+        assert [d.decode(KernelFailed).job_id for d in failures.poll()] == [job.job_id]
+
+        layer = model.layer("0")
+        assert list(layer.seed_states) == [SeedState.DORMANT, SeedState.DORMANT]
+        x = torch.randn(4, 8)
+        with torch.no_grad():
+            assert torch.equal(layer(x), layer.base(x))  # the seed contributes exactly nothing
+        for _ in range(5):  # and training simply goes on
+            losses.append(_train_step(model, optimizer))
+            executor.on_step(model.global_step, losses[-1])
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert library.claim_job("another-worker") is None  # nothing will be recompiled
+        executor.close()
+        library.close()

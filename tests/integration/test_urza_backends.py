@@ -1,5 +1,5 @@
 """One interface, three backends: the same library tests on SQLite + folder, PostgreSQL + S3, and
-the HTTP service (a ``python -m esper.urza`` subprocess over PostgreSQL + S3) through HttpUrza;
+the HTTP service (an ``esper urza serve`` subprocess over PostgreSQL + S3) through HttpUrza;
 then what only the service does: bearer tokens, id checks on raw requests, streamed downloads,
 its OpenAPI schema, and clear errors when it cannot be reached.
 
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
+import json
 import os
+import random
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -26,6 +30,7 @@ import httpx
 import psycopg
 import pytest
 
+from esper.blueprints import create_artifact
 from esper.contracts import (
     BlueprintSpec,
     BlueprintStatus,
@@ -34,7 +39,12 @@ from esper.contracts import (
     KernelTarget,
     LayerKind,
 )
-from esper.errors import ArtifactIntegrityError, ConfigurationError, KernelNotFoundError
+from esper.errors import (
+    ArtifactFormatError,
+    ArtifactIntegrityError,
+    ConfigurationError,
+    KernelNotFoundError,
+)
 from esper.urza import (
     ArtifactLibrary,
     AuthenticationError,
@@ -47,6 +57,7 @@ from esper.urza import (
     open_storage_library,
 )
 from esper.urza.blob_stores import LocalBlobStore
+from esper.urza.errors import KernelMetadataMismatchError
 from esper.urza.storage_library import StorageLibrary
 
 pytestmark = pytest.mark.services
@@ -68,8 +79,13 @@ class Backend:
     corrupt: Callable[[str, bytes], None]
 
 
+_HIDDEN_WIDTHS = itertools.count(random.randrange(1, 30_000))
+"""Widths no other spec of this test run has: a spec of its own for each test on the shared service."""
+
+
 def unique_spec() -> BlueprintSpec:
-    return BlueprintSpec(family="residual_mlp", params={"hidden": 16, "nonce": uuid.uuid4().hex})
+    """A valid blueprint no other test of this run submits (the service checks specs)."""
+    return BlueprintSpec(family="residual_mlp", params={"hidden": next(_HIDDEN_WIDTHS)})
 
 
 def linear(in_features: int = 16, out_features: int = 8, device: str = "cpu") -> KernelTarget:
@@ -86,15 +102,40 @@ def linear(in_features: int = 16, out_features: int = 8, device: str = "cpu") ->
 def make_kernel(
     size: int = 4096, *, spec: BlueprintSpec | None = None, target: KernelTarget | None = None
 ) -> tuple[bytes, KernelMetadata]:
-    artifact = os.urandom(size)
+    """A well-formed kernel artifact of exactly ``size`` bytes with random float32 weights (one
+    tensor sized to fill it, the header padded with spaces as safetensors allows), and the
+    metadata that describes it. Urza reads artifact headers; it never builds their kernels."""
+    spec, target = spec or unique_spec(), target or linear()
+    entry = {
+        "format": "esper.kernel",
+        "format_version": 1,
+        "blueprint": spec.model_dump(mode="json"),
+        "target": target.model_dump(mode="json"),
+        "init_seed": 0,
+    }
+    metadata_entry = {"esper.kernel": json.dumps(entry, sort_keys=True, separators=(",", ":"))}
+    elements = (size - 8) // 4
+    while True:
+        header = {
+            "__metadata__": metadata_entry,
+            "weight": {"dtype": "F32", "shape": [elements], "data_offsets": [0, elements * 4]},
+        }
+        text = json.dumps(header, separators=(",", ":")).encode()
+        padding = size - 8 - len(text) - elements * 4
+        if padding >= 0:
+            break
+        elements -= 1
+    header_bytes = text + b" " * padding
+    payload = os.urandom(elements * 4)
+    artifact = struct.pack("<Q", len(header_bytes)) + header_bytes + payload
     metadata = KernelMetadata(
         kernel_id=hashlib.sha256(artifact).hexdigest(),
-        blueprint=spec or unique_spec(),
-        target=target or linear(),
+        blueprint=spec,
+        target=target,
         dtype="float32",
-        parameter_count=size // 4,
+        parameter_count=elements,
         size_bytes=size,
-        checksum=hashlib.sha256(artifact).hexdigest(),
+        checksum=hashlib.sha256(payload).hexdigest(),
         init_seed=0,
     )
     return artifact, metadata
@@ -146,7 +187,7 @@ def _boto_credentials() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def urza_service(service_storage: tuple[str, str]) -> Iterator[ServiceProcess]:
-    """``python -m esper.urza`` on a free port over PostgreSQL + S3."""
+    """``esper urza serve`` on a free port over PostgreSQL + S3."""
     metadata_url, blob_url = service_storage
     with ServiceProcess(
         metadata_url=metadata_url, blob_url=blob_url, token=TOKEN, env=AWS_ENV
@@ -365,6 +406,37 @@ def test_stats_count_what_was_added(backend: Backend) -> None:
     )
     assert (after.kernels - before.kernels, after.kernel_bytes - before.kernel_bytes) == (1, 1234)
     drain_queue(library)
+
+
+def test_every_backend_refuses_metadata_that_does_not_describe_the_bytes(
+    backend: Backend,
+) -> None:
+    """Issue 9 item 7, on SQLite + folder, PostgreSQL + S3 and the HTTP service."""
+    library = backend.library
+    spec = unique_spec()
+    data, real = create_artifact(spec, linear())
+    before = library.stats()
+
+    mislabelled = real.model_copy(
+        update={
+            "blueprint": BlueprintSpec(family="lowrank_adapter", params={"rank": 4}),
+            "parameter_count": 1,
+        }
+    )
+    with pytest.raises(KernelMetadataMismatchError, match="parameter_count"):
+        library.put_kernel(data, mislabelled)
+    junk = os.urandom(len(data))
+    with pytest.raises(ArtifactFormatError, match="not an Esper kernel artifact"):
+        library.put_kernel(
+            junk, real.model_copy(update={"kernel_id": hashlib.sha256(junk).hexdigest()})
+        )
+
+    after = library.stats()
+    assert (after.kernels, after.kernel_bytes) == (before.kernels, before.kernel_bytes)
+    assert library.find_kernels(blueprint_id=spec.blueprint_id) == []
+    with pytest.raises(KernelNotFoundError):
+        library.get_kernel_bytes(real.kernel_id)
+    assert library.put_kernel(data, real) == real  # the truthful put is stored
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,13 @@ from esper.contracts.lifecycle import (
     check_transition,
     is_legal_transition,
 )
-from esper.contracts.messages import Envelope, HealthSignalBatch, KernelReady, Topic
+from esper.contracts.messages import (
+    Envelope,
+    HealthSignalBatch,
+    KernelFailed,
+    KernelReady,
+    Topic,
+)
 from esper.contracts.telemetry import (
     CacheStats,
     HealthSignal,
@@ -55,6 +61,7 @@ __all__ = [
     "HealthSignal",
     "HealthSignalBatch",
     "KernelCharacterization",
+    "KernelFailed",
     "KernelId",
     "KernelMetadata",
     "KernelReady",

@@ -9,6 +9,14 @@ from enum import StrEnum
 from pydantic import Field
 
 from esper.contracts.base import Contract
+from esper.contracts.bounds import (
+    MAX_SEEDS_PER_LAYER,
+    LayerName,
+    Name,
+    Step,
+    Text,
+    Timestamp,
+)
 from esper.contracts.kernels import BlueprintSpec
 
 
@@ -34,17 +42,17 @@ class AdaptationDecision(Contract):
     """
 
     decision_id: str = Field(default_factory=_new_id, pattern=r"^[0-9a-f]{32}$")
-    run_id: str
-    step: int = Field(ge=0, description="training step of the telemetry the decision is based on")
+    run_id: Name
+    step: Step = Field(description="training step of the telemetry the decision is based on")
     action: AdaptationAction
-    layer_name: str
-    seed_idx: int = Field(ge=0)
+    layer_name: LayerName
+    seed_idx: int = Field(ge=0, lt=MAX_SEEDS_PER_LAYER)
     blueprint: BlueprintSpec | None = None
-    policy: str = Field(description="name of the policy that decided")
+    policy: Name = Field(description="name of the policy that decided")
     confidence: float = Field(ge=0, le=1)
     uncertainty: float = Field(ge=0)
-    reason: str = ""
-    created_at: float = Field(default_factory=time.time)
+    reason: Text = ""
+    created_at: Timestamp = Field(default_factory=time.time)
 
 
 class DecisionRefusal(Contract):
@@ -54,26 +62,28 @@ class DecisionRefusal(Contract):
     a proposal refused by the controller's own gates never became a decision and has none.
     """
 
-    run_id: str
+    run_id: Name
     decision_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
-    step: int = Field(ge=0)
-    layer_name: str
+    step: Step
+    layer_name: LayerName
     action: AdaptationAction
-    gate: str
-    reason: str
-    policy: str
-    created_at: float = Field(default_factory=time.time)
+    gate: Name
+    reason: Text
+    policy: Name
+    created_at: Timestamp = Field(default_factory=time.time)
 
 
 class RewardReport(Contract):
     """The multi-metric reward of one adaptation after its evaluation window."""
 
-    run_id: str
-    decision_id: str
-    layer_name: str
-    step: int = Field(ge=0)
-    components: dict[str, float] = Field(description="named reward components, unweighted")
-    weights: dict[str, float]
+    run_id: Name
+    decision_id: Name
+    layer_name: LayerName
+    step: Step
+    components: dict[Name, float] = Field(
+        max_length=64, description="named reward components, unweighted"
+    )
+    weights: dict[Name, float] = Field(max_length=64)
     total: float
     outcome: AdaptationAction | None = Field(
         default=None, description="what the evaluation led to: FOSSILIZE (kept) or CULL"

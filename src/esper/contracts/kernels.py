@@ -10,14 +10,25 @@ from typing import Annotated
 from pydantic import Field, field_validator
 
 from esper.contracts.base import Contract
+from esper.contracts.bounds import (
+    MAX_ARTIFACT_BYTES,
+    MAX_BLUEPRINT_PARAMS,
+    Count,
+    DeviceName,
+    DtypeName,
+    Features,
+    InitSeed,
+    ParameterCount,
+    ParamName,
+    ParamValue,
+    Text,
+)
 
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
 """A lowercase sha256 hex digest: the form of every content-addressed id in Esper."""
 
 KernelId = Annotated[str, Field(pattern=SHA256_HEX_PATTERN)]
 """Content address of a kernel artifact: the sha256 hex digest of its bytes."""
-
-ParamValue = int | float | str | bool
 
 
 class LayerKind(StrEnum):
@@ -43,12 +54,12 @@ class KernelTarget(Contract):
     """
 
     layer_kind: LayerKind
-    in_features: int = Field(gt=0)
-    out_features: int = Field(gt=0)
+    in_features: Features
+    out_features: Features
     channel_dim: int = Field(description="-1: features last (Linear, LayerNorm); 1: channels first")
     spatial_dims: int = Field(ge=0, le=2)
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: DtypeName = "float32"
+    device: DeviceName = "cpu"
 
     @field_validator("channel_dim")
     @classmethod
@@ -81,7 +92,9 @@ class BlueprintSpec(Contract):
     """
 
     family: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
-    params: dict[str, ParamValue] = Field(default_factory=dict)
+    params: dict[ParamName, ParamValue] = Field(
+        default_factory=dict, max_length=MAX_BLUEPRINT_PARAMS
+    )
 
     def canonical_json(self) -> str:
         """The spec as compact JSON with sorted keys: the same spec always gives the same text."""
@@ -98,12 +111,12 @@ class BlueprintSpec(Contract):
 class KernelCharacterization(Contract):
     """What compiling a kernel measured about it on its target device (not part of its bytes)."""
 
-    device: str
-    latency_us_median: float = Field(ge=0)
-    flops_per_sample: int = Field(ge=0)
-    batch_sizes_validated: tuple[int, ...]
+    device: DeviceName
+    latency_us_median: float = Field(ge=0, allow_inf_nan=False)
+    flops_per_sample: Count
+    batch_sizes_validated: tuple[Annotated[int, Field(gt=0, le=2**20)], ...] = Field(max_length=32)
     exportable: bool
-    export_error: str | None = None
+    export_error: Text | None = None
 
 
 class KernelMetadata(Contract):
@@ -116,9 +129,9 @@ class KernelMetadata(Contract):
     kernel_id: KernelId
     blueprint: BlueprintSpec
     target: KernelTarget
-    dtype: str
-    parameter_count: int = Field(ge=0)
-    size_bytes: int = Field(gt=0)
+    dtype: DtypeName
+    parameter_count: ParameterCount
+    size_bytes: int = Field(gt=0, le=MAX_ARTIFACT_BYTES)
     checksum: KernelId
-    init_seed: int
+    init_seed: InitSeed
     characterization: KernelCharacterization | None = None

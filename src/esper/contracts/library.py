@@ -7,6 +7,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from esper.contracts.base import Contract
+from esper.contracts.bounds import Count, InitSeed, Name, Text, Timestamp
 from esper.contracts.kernels import BlueprintSpec, KernelId, KernelTarget
 
 
@@ -26,10 +27,10 @@ class BlueprintRecord(Contract):
 
     blueprint_id: KernelId
     spec: BlueprintSpec
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
     status: BlueprintStatus = BlueprintStatus.SUBMITTED
-    reason: str | None = None
-    created_at: float
+    reason: Text | None = None
+    created_at: Timestamp
 
 
 class CompileJobStatus(StrEnum):
@@ -51,24 +52,24 @@ class CompileJob(Contract):
     job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     blueprint_id: KernelId
     target: KernelTarget
-    init_seed: int = 0
+    init_seed: InitSeed = 0
     status: CompileJobStatus = CompileJobStatus.QUEUED
-    attempts: int = Field(default=0, ge=0)
-    worker_id: str | None = None
-    claimed_at: float | None = None
-    lease_expires_at: float | None = Field(
+    attempts: int = Field(default=0, ge=0, le=2**31 - 1)
+    worker_id: Name | None = None
+    claimed_at: Timestamp | None = None
+    lease_expires_at: Timestamp | None = Field(
         default=None,
         description="while CLAIMED: when the claim lapses and another worker may reclaim the job",
     )
     kernel_id: KernelId | None = None
-    error: str | None = None
-    created_at: float
+    error: Text | None = None
+    created_at: Timestamp
 
 
 class LibraryStats(Contract):
     """Counts of what the library holds."""
 
-    blueprints_by_status: dict[BlueprintStatus, int]
-    kernels: int
-    kernel_bytes: int
-    jobs_by_status: dict[CompileJobStatus, int]
+    blueprints_by_status: dict[BlueprintStatus, Count]
+    kernels: Count
+    kernel_bytes: Count
+    jobs_by_status: dict[CompileJobStatus, Count]

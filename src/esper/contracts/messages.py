@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import Field
 
 from esper.contracts.base import Contract
+from esper.contracts.bounds import InitSeed, Name, Step, Text, Timestamp
 from esper.contracts.kernels import KernelId, KernelTarget
 from esper.contracts.telemetry import HealthSignal
 
@@ -25,6 +26,8 @@ class Topic(StrEnum):
     """A training run's step, loss and parameter counts (:class:`TrainingProgress`)."""
     KERNEL_READY = "kernel.ready"
     """A compiled kernel was stored in Urza (:class:`KernelReady`)."""
+    KERNEL_FAILED = "kernel.failed"
+    """A compile job ended FAILED: no kernel will come from it (:class:`KernelFailed`)."""
     CONTROL_KASMINA_COMMANDS = "control.kasmina.commands"
     """Adaptation decisions for the training side to apply at a step boundary."""
     CONTROL_TAMIYO_REFUSALS = "control.tamiyo.refusals"
@@ -46,19 +49,19 @@ class Envelope(Contract):
 
     event_id: str = Field(default_factory=_new_event_id, pattern=r"^[0-9a-f]{32}$")
     topic: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,127}$")
-    sender: str = Field(min_length=1, max_length=200)
-    timestamp: float = Field(default_factory=time.time)
-    trace_id: str = Field(default_factory=_new_event_id, max_length=64)
-    payload_type: str = Field(min_length=1, max_length=100)
+    sender: Name
+    timestamp: Timestamp = Field(default_factory=time.time)
+    trace_id: str = Field(default_factory=_new_event_id, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    payload_type: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
     payload: dict[str, Any]
 
 
 class HealthSignalBatch(Contract):
     """Payload of ``telemetry.health``: one telemetry flush of one training process."""
 
-    run_id: str
-    step: int = Field(ge=0)
-    signals: tuple[HealthSignal, ...]
+    run_id: Name
+    step: Step
+    signals: tuple[HealthSignal, ...] = Field(max_length=100_000)
 
 
 class KernelReady(Contract):
@@ -67,4 +70,19 @@ class KernelReady(Contract):
     kernel_id: KernelId
     blueprint_id: KernelId
     target: KernelTarget
-    job_id: str | None = None
+    job_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+
+class KernelFailed(Contract):
+    """Payload of ``kernel.failed``: a compile job ended FAILED, so no kernel will come from it.
+
+    ``error`` says why: the blueprint failed validation, the compiler crashed, the library
+    refused the compiled artifact (too large, metadata not describing the bytes), or the job was
+    abandoned after too many attempts. Whoever waits for the job stops waiting.
+    """
+
+    job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    blueprint_id: KernelId
+    target: KernelTarget
+    init_seed: InitSeed = 0
+    error: Text

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field
 
 from esper.contracts.base import Contract
+from esper.contracts.bounds import (
+    MAX_SEEDS_PER_LAYER,
+    MAX_STEP,
+    LayerName,
+    Name,
+    ParameterCount,
+    Step,
+)
 from esper.contracts.kernels import KernelTarget
+
+_MAX_LAYERS = 100_000
+_LayerIndex = Annotated[int, Field(ge=0, lt=_MAX_LAYERS)]
 
 
 class LayerTopology(Contract):
     """One seeded layer, as a controller without the model sees it."""
 
-    layer_name: str
+    layer_name: LayerName
     target: KernelTarget
-    base_parameters: int = Field(ge=0)
-    num_seeds: int = Field(ge=1)
+    base_parameters: ParameterCount
+    num_seeds: int = Field(ge=1, le=MAX_SEEDS_PER_LAYER)
 
 
 class ModelTopology(Contract):
@@ -24,13 +37,15 @@ class ModelTopology(Contract):
     another process can build layer graphs without the model.
     """
 
-    run_id: str
-    layers: tuple[LayerTopology, ...]
-    edges: tuple[tuple[int, int], ...] | None = Field(
-        default=None, description="(source, destination) layer indices; None: module order"
+    run_id: Name
+    layers: tuple[LayerTopology, ...] = Field(max_length=_MAX_LAYERS)
+    edges: tuple[tuple[_LayerIndex, _LayerIndex], ...] | None = Field(
+        default=None,
+        max_length=10 * _MAX_LAYERS,
+        description="(source, destination) layer indices; None: module order",
     )
     traced: bool = False
-    base_parameters: int = Field(ge=0, description="parameters of the whole host model")
+    base_parameters: ParameterCount = Field(description="parameters of the whole host model")
 
 
 class TrainingProgress(Contract):
@@ -39,9 +54,11 @@ class TrainingProgress(Contract):
     Published every few steps on ``telemetry.progress``.
     """
 
-    run_id: str
-    step: int = Field(ge=0)
-    total_steps: int | None = Field(default=None, ge=1)
-    loss: float | None = Field(default=None, description="mean training loss of recent steps")
-    base_parameters: int = Field(ge=0)
-    kernel_parameters: int = Field(ge=0)
+    run_id: Name
+    step: Step
+    total_steps: int | None = Field(default=None, ge=1, le=MAX_STEP)
+    loss: float | None = Field(
+        default=None, allow_inf_nan=False, description="mean training loss of recent steps"
+    )
+    base_parameters: ParameterCount
+    kernel_parameters: ParameterCount

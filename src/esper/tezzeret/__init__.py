@@ -6,6 +6,7 @@ jobs from Urza, compiles them off the training thread, stores the kernels and an
 Oona.
 """
 
+from esper.tezzeret.blueprint_catalog import RegistryCatalog
 from esper.tezzeret.compiler import (
     BlueprintValidationError,
     CompiledKernel,
@@ -20,6 +21,7 @@ __all__ = [
     "BlueprintValidationError",
     "CompiledKernel",
     "KernelRequest",
+    "RegistryCatalog",
     "TezzeretProcess",
     "TezzeretWorker",
     "compile_blueprint",

@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from esper.blueprints import build_kernel, describe_artifact, encode_artifact, torch_dtype
 from esper.contracts import BlueprintSpec, KernelCharacterization, KernelMetadata, KernelTarget
+from esper.contracts.bounds import text_within_bounds
 from esper.errors import BlueprintError, EsperError
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def _export_capability(module: nn.Module, target: KernelTarget) -> str | None:
     try:
         torch.export.export(module, (example_input(target, 4),))
     except Exception as exc:  # export raises many types; any means "not exportable"
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return text_within_bounds(f"{type(exc).__name__}: {first_line}", limit=2000)
     return None
 
 

@@ -65,6 +65,7 @@ from esper.contracts import (
     Topic,
     TrainingProgress,
 )
+from esper.contracts.bounds import text_within_bounds
 from esper.core import MorphableModel
 from esper.errors import ConfigurationError, EsperError
 from esper.oona import (
@@ -666,7 +667,7 @@ class GrowthExecutor:
             layer_name=decision.layer_name,
             action=decision.action,
             gate=gate,
-            reason=reason,
+            reason=text_within_bounds(reason),  # e.g. a compile job's error: any length
             policy=decision.policy,
         )
         self._publish(Topic.CONTROL_TAMIYO_REFUSALS, refusal)

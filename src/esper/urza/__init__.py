@@ -6,7 +6,8 @@ One interface, :class:`ArtifactLibrary`, with backends chosen by URL (see :func:
 - shared: the same library over PostgreSQL + an S3-compatible bucket, served over HTTP by
   :func:`create_app`/:func:`serve` and reached through :class:`HttpUrza`.
 
-Kernels are content-addressed (id = sha256 of the artifact) and digest-checked on every read.
+Kernels are content-addressed (id = sha256 of the artifact) and digest-checked on every read;
+a put is refused unless the artifact's own header says what its metadata claims.
 :class:`UrzaArtifactSource` is what the execution engine's kernel cache fetches bytes through.
 
 Optional dependencies (SQLAlchemy and its drivers, boto3, FastAPI, uvicorn, httpx) are imported
@@ -20,15 +21,21 @@ from typing import TYPE_CHECKING, Any
 
 from esper.urza.artifact_source import UrzaArtifactSource
 from esper.urza.errors import (
+    ARTIFACT_REFUSALS,
+    ArtifactRefusedError,
+    ArtifactTooLargeError,
     AuthenticationError,
     BlueprintNotFoundError,
     JobNotFoundError,
+    JobRefusedError,
     JobStateError,
+    KernelMetadataMismatchError,
+    LibraryBusyError,
     LibraryUnavailableError,
 )
 from esper.urza.factory import open_blob_store, open_library, open_storage_library
 from esper.urza.library import DEFAULT_LEASE_SECONDS, ArtifactLibrary
-from esper.urza.settings import UrzaSettings
+from esper.urza.settings import ServiceLimits, UrzaSettings
 
 if TYPE_CHECKING:
     from esper.urza.http_client import HttpUrza
@@ -58,15 +65,22 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ARTIFACT_REFUSALS",
     "DEFAULT_LEASE_SECONDS",
     "ArtifactLibrary",
+    "ArtifactRefusedError",
+    "ArtifactTooLargeError",
     "AuthenticationError",
     "BlueprintNotFoundError",
     "HttpUrza",
     "JobNotFoundError",
+    "JobRefusedError",
     "JobStateError",
+    "KernelMetadataMismatchError",
+    "LibraryBusyError",
     "LibraryUnavailableError",
     "S3BlobStore",
+    "ServiceLimits",
     "ServiceProcess",
     "SqlMetadataStore",
     "StorageLibrary",

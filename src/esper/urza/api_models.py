@@ -21,6 +21,9 @@ from esper.contracts import (
     KernelMetadata,
     KernelTarget,
 )
+from esper.contracts.bounds import DeviceName, DtypeName, InitSeed, Name, Text
+from esper.urza.library import MAX_LEASE_SECONDS
+from esper.urza.pagination import MAX_OFFSET, MAX_PAGE_SIZE
 
 TOKEN_ENV = "ESPER_URZA_TOKEN"
 """Environment variable that holds the service's bearer token (read by service and client)."""
@@ -31,8 +34,14 @@ METADATA_HEADER = "X-Esper-Kernel-Metadata"
 KERNEL_ID_HEADER = "X-Esper-Kernel-Id"
 """Header of a kernel download: the id (sha256) the streamed bytes must hash to."""
 
-WorkerId = Annotated[str, Field(min_length=1, max_length=200)]
+WorkerId = Name
 """Name of a compile worker (free text, 1-200 characters)."""
+
+PageLimit = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)]
+"""Rows in one page of a list."""
+
+PageOffset = Annotated[int, Field(ge=0, le=MAX_OFFSET)]
+"""Rows skipped before a page."""
 
 
 class WireModel(BaseModel):
@@ -45,14 +54,14 @@ class BlueprintSubmission(WireModel):
     """Body of ``POST /blueprints``."""
 
     spec: BlueprintSpec
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
 
 
 class BlueprintStatusChange(WireModel):
     """Body of ``PUT /blueprints/{blueprint_id}/status``."""
 
     status: BlueprintStatus
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class KernelQuery(WireModel):
@@ -60,8 +69,10 @@ class KernelQuery(WireModel):
 
     blueprint_id: KernelId | None = None
     target: KernelTarget | None = None
-    device: str | None = Field(default=None, max_length=64)
-    dtype: str | None = Field(default=None, max_length=32)
+    device: DeviceName | None = None
+    dtype: DtypeName | None = None
+    limit: PageLimit = MAX_PAGE_SIZE
+    offset: PageOffset = 0
 
 
 class JobRequest(WireModel):
@@ -69,14 +80,14 @@ class JobRequest(WireModel):
 
     blueprint_id: KernelId
     target: KernelTarget
-    init_seed: int = 0
+    init_seed: InitSeed = 0
 
 
 class ClaimRequest(WireModel):
     """Body of ``POST /jobs/claim`` and ``POST /jobs/{job_id}/lease``."""
 
     worker_id: WorkerId
-    lease_seconds: float = Field(gt=0, le=7 * 24 * 3600)
+    lease_seconds: float = Field(gt=0, le=MAX_LEASE_SECONDS, allow_inf_nan=False)
 
 
 class JobCompletion(WireModel):
@@ -90,7 +101,7 @@ class JobFailure(WireModel):
     """Body of ``POST /jobs/{job_id}/fail``."""
 
     worker_id: WorkerId
-    error: str = Field(max_length=100_000)
+    error: Text
 
 
 class ErrorBody(WireModel):

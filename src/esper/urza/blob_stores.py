@@ -10,15 +10,18 @@ path. :class:`LocalBlobStore` (``file://`` URLs) is defined here; the S3-compati
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from esper.errors import KernelNotFoundError
-from esper.urza.content_ids import check_content_id, sha256_hex
+from esper.urza.content_ids import check_content_id
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,17 @@ class BlobStore(Protocol):
         """Where the store is, as a URL (``file:///…`` or ``s3://…``)."""
         ...
 
+    @property
+    def locations(self) -> tuple[str, ...]:
+        """Every form of where the store is (URL, folder, endpoint), to keep out of answers."""
+        ...
+
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` atomically, replacing a missing or corrupted copy."""
+        ...
+
+    def put_file(self, key: str, file: BinaryIO) -> None:
+        """:meth:`put` the bytes of ``file`` (from its current position), streamed."""
         ...
 
     def get(self, key: str) -> bytes:
@@ -53,6 +65,14 @@ class BlobStore(Protocol):
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
         ...
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(DEFAULT_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_chunks(handle: BinaryIO, chunk_size: int) -> Iterator[bytes]:
@@ -80,6 +100,11 @@ class LocalBlobStore:
         """The store's ``file://`` URL."""
         return self.root.as_uri()
 
+    @property
+    def locations(self) -> tuple[str, ...]:
+        """The URL and the folder."""
+        return (self.url, str(self.root))
+
     def path_for(self, key: str) -> Path:
         """The file that holds ``key`` (the key is checked to be a digest first)."""
         check_content_id(key, what="blob key")
@@ -90,16 +115,20 @@ class LocalBlobStore:
 
         An existing file is kept when its bytes hash to ``key``; a corrupted one is replaced.
         """
+        self.put_file(key, io.BytesIO(data))
+
+    def put_file(self, key: str, file: BinaryIO) -> None:
+        """Copy ``file`` (from its current position) under ``key``, as :meth:`put` does."""
         path = self.path_for(key)
         if path.exists():
-            if sha256_hex(path.read_bytes()) == key:
+            if _file_sha256(path) == key:
                 return
             logger.warning("replacing corrupted blob %s at %s", key, path)
         path.parent.mkdir(exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                shutil.copyfileobj(file, handle, DEFAULT_CHUNK_BYTES)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp_name, path)

@@ -12,9 +12,9 @@ here as the same class. httpx is imported with this module, never by ``import es
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 from pydantic import TypeAdapter, ValidationError
@@ -29,6 +29,7 @@ from esper.contracts import (
     KernelTarget,
     LibraryStats,
 )
+from esper.contracts.bounds import text_within_bounds
 from esper.errors import ConfigurationError, EsperError
 from esper.urza.api_models import (
     METADATA_HEADER,
@@ -45,8 +46,17 @@ from esper.urza.api_models import (
 )
 from esper.urza.blob_stores import DEFAULT_CHUNK_BYTES
 from esper.urza.content_ids import check_content_id, check_job_id, verified_chunks, verify_digest
-from esper.urza.errors import WIRE_ERRORS, AuthenticationError, LibraryUnavailableError
+from esper.urza.errors import (
+    WIRE_ERRORS,
+    ArtifactTooLargeError,
+    AuthenticationError,
+    LibraryUnavailableError,
+)
 from esper.urza.library import DEFAULT_LEASE_SECONDS
+from esper.urza.pagination import MAX_PAGE_SIZE, check_page
+from esper.urza.settings import ServiceLimits
+
+T = TypeVar("T")
 
 _BLUEPRINTS = TypeAdapter(list[BlueprintRecord])
 _KERNELS = TypeAdapter(list[KernelMetadata])
@@ -93,6 +103,7 @@ class HttpUrza:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._owns_client = client is None
         self._client = client or httpx.Client(timeout=timeout)
+        self._limits: ServiceLimits | None = None
 
     def __repr__(self) -> str:
         return f"HttpUrza({self.url!r})"
@@ -113,7 +124,7 @@ class HttpUrza:
     def _unreachable(self, error: httpx.TransportError) -> LibraryUnavailableError:
         return LibraryUnavailableError(
             f"could not reach the Urza service at {self.url} ({type(error).__name__}: {error}). "
-            "Check that the service is running (python -m esper.urza --host … --port …) and "
+            "Check that the service is running (esper urza serve --host … --port …) and "
             "that the URL's host and port are right (ESPER_URZA_URL)."
         )
 
@@ -144,6 +155,11 @@ class HttpUrza:
             raise WIRE_ERRORS[error_name](str(detail))
         if response.status_code == 422:
             raise ConfigurationError(f"the Urza service rejected {where} as invalid: {detail}")
+        if response.status_code == 503:
+            raise LibraryUnavailableError(
+                f"the Urza service at {self.url} is unavailable for {where} (503: "
+                f"{detail if detail is not None else response.text[:300]}); retry later."
+            )
         if response.status_code == 404:
             raise LibraryUnavailableError(
                 f"{where} answered 404 without an Urza error: is {self.url} an Urza service "
@@ -153,6 +169,28 @@ class HttpUrza:
             f"the Urza service at {self.url} failed {where} with HTTP {response.status_code}: "
             f"{detail if detail is not None else response.text[:300]}"
         )
+
+    def _pages(
+        self, fetch: Callable[[int, int], list[T]], limit: int | None, offset: int
+    ) -> list[T]:
+        """One page (``limit`` rows), or every row from ``offset`` on, page after page."""
+        limit, offset = check_page(limit, offset)
+        if limit is not None:
+            return fetch(limit, offset)
+        rows: list[T] = []
+        while True:
+            page = fetch(MAX_PAGE_SIZE, offset)
+            rows += page
+            if len(page) < MAX_PAGE_SIZE:
+                return rows
+            offset += len(page)
+
+    def limits(self) -> ServiceLimits:
+        """What the service accepts (asked once, then remembered)."""
+        if self._limits is None:
+            response = self._request("GET", "/limits")
+            self._limits = ServiceLimits.model_validate_json(response.content)
+        return self._limits
 
     # Blueprints ---------------------------------------------------------------------------
 
@@ -168,17 +206,28 @@ class HttpUrza:
         response = self._request("GET", f"/blueprints/{blueprint_id}")
         return BlueprintRecord.model_validate_json(response.content)
 
-    def list_blueprints(self, status: BlueprintStatus | None = None) -> list[BlueprintRecord]:
-        """Blueprints, oldest first."""
-        params = {} if status is None else {"status": BlueprintStatus(status).value}
-        response = self._request("GET", "/blueprints", params=params)
-        return _BLUEPRINTS.validate_json(response.content)
+    def list_blueprints(
+        self, status: BlueprintStatus | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> list[BlueprintRecord]:
+        """Blueprints, oldest first (one page, or every one when ``limit`` is ``None``)."""
+        params: dict[str, str | int] = {}
+        if status is not None:
+            params["status"] = BlueprintStatus(status).value
+
+        def fetch(page_limit: int, page_offset: int) -> list[BlueprintRecord]:
+            page = {**params, "limit": page_limit, "offset": page_offset}
+            response = self._request("GET", "/blueprints", params=page)
+            return _BLUEPRINTS.validate_json(response.content)
+
+        return self._pages(fetch, limit, offset)
 
     def set_blueprint_status(
         self, blueprint_id: str, status: BlueprintStatus, reason: str | None = None
     ) -> BlueprintRecord:
         """Change a blueprint's status."""
         check_content_id(blueprint_id, what="blueprint id")
+        if reason is not None:
+            reason = text_within_bounds(str(reason))
         body = _body(BlueprintStatusChange, status=status, reason=reason)
         response = self._request("PUT", f"/blueprints/{blueprint_id}/status", json=body)
         return BlueprintRecord.model_validate_json(response.content)
@@ -186,7 +235,16 @@ class HttpUrza:
     # Kernels ------------------------------------------------------------------------------
 
     def put_kernel(self, artifact: bytes, metadata: KernelMetadata) -> KernelMetadata:
-        """Upload an artifact with its metadata (the service checks digest and size)."""
+        """Upload an artifact with its metadata (the service checks bytes against metadata).
+
+        An artifact over the service's size limit is refused here, before it is sent.
+        """
+        most = self.limits().max_artifact_bytes
+        if metadata.size_bytes > most:
+            raise ArtifactTooLargeError(
+                f"kernel {metadata.kernel_id} is {metadata.size_bytes} bytes; the Urza service at "
+                f"{self.url} accepts at most {most} (its --max-artifact-bytes); nothing was sent."
+            )
         response = self._request(
             "PUT",
             f"/kernels/{metadata.kernel_id}",
@@ -248,15 +306,27 @@ class HttpUrza:
         target: KernelTarget | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[KernelMetadata]:
-        """Kernels matching every given filter, oldest first."""
+        """Kernels matching every given filter, oldest first (one page, or all)."""
         if blueprint_id is not None:
             check_content_id(blueprint_id, what="blueprint id")
-        query = _body(
-            KernelQuery, blueprint_id=blueprint_id, target=target, device=device, dtype=dtype
-        )
-        response = self._request("POST", "/kernels/search", json=query)
-        return _KERNELS.validate_json(response.content)
+
+        def fetch(page_limit: int, page_offset: int) -> list[KernelMetadata]:
+            query = _body(
+                KernelQuery,
+                blueprint_id=blueprint_id,
+                target=target,
+                device=device,
+                dtype=dtype,
+                limit=page_limit,
+                offset=page_offset,
+            )
+            response = self._request("POST", "/kernels/search", json=query)
+            return _KERNELS.validate_json(response.content)
+
+        return self._pages(fetch, limit, offset)
 
     # Compile jobs -------------------------------------------------------------------------
 
@@ -296,7 +366,7 @@ class HttpUrza:
     def fail_job(self, job_id: str, worker_id: str, error: str) -> CompileJob:
         """Mark a claimed job FAILED."""
         check_job_id(job_id)
-        body = _body(JobFailure, worker_id=worker_id, error=error)
+        body = _body(JobFailure, worker_id=worker_id, error=text_within_bounds(str(error)))
         response = self._request("POST", f"/jobs/{job_id}/fail", json=body)
         return CompileJob.model_validate_json(response.content)
 
@@ -307,16 +377,26 @@ class HttpUrza:
         return CompileJob.model_validate_json(response.content)
 
     def list_jobs(
-        self, status: CompileJobStatus | None = None, *, blueprint_id: str | None = None
+        self,
+        status: CompileJobStatus | None = None,
+        *,
+        blueprint_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[CompileJob]:
-        """Compile jobs, oldest first."""
-        params: dict[str, str] = {}
+        """Compile jobs, oldest first (one page, or all)."""
+        params: dict[str, str | int] = {}
         if status is not None:
             params["status"] = CompileJobStatus(status).value
         if blueprint_id is not None:
             params["blueprint_id"] = check_content_id(blueprint_id, what="blueprint id")
-        response = self._request("GET", "/jobs", params=params)
-        return _JOBS.validate_json(response.content)
+
+        def fetch(page_limit: int, page_offset: int) -> list[CompileJob]:
+            page = {**params, "limit": page_limit, "offset": page_offset}
+            response = self._request("GET", "/jobs", params=page)
+            return _JOBS.validate_json(response.content)
+
+        return self._pages(fetch, limit, offset)
 
     # Library ------------------------------------------------------------------------------
 

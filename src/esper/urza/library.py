@@ -26,6 +26,9 @@ from esper.contracts import (
 DEFAULT_LEASE_SECONDS = 600.0
 """How long a claimed compile job stays with its worker before another may reclaim it."""
 
+MAX_LEASE_SECONDS = 7 * 24 * 3600.0
+"""Longest lease a worker may ask for (a week)."""
+
 
 @runtime_checkable
 class ArtifactLibrary(Protocol):
@@ -53,8 +56,14 @@ class ArtifactLibrary(Protocol):
         """The record of one blueprint."""
         ...
 
-    def list_blueprints(self, status: BlueprintStatus | None = None) -> list[BlueprintRecord]:
-        """Blueprints, oldest first, optionally only those with ``status``."""
+    def list_blueprints(
+        self, status: BlueprintStatus | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> list[BlueprintRecord]:
+        """Blueprints, oldest first, optionally only those with ``status``.
+
+        ``limit`` rows (1 to :data:`~esper.urza.pagination.MAX_PAGE_SIZE`; ``None``: all) after
+        skipping ``offset``; the same for every list below.
+        """
         ...
 
     def set_blueprint_status(
@@ -69,10 +78,14 @@ class ArtifactLibrary(Protocol):
         """Store an artifact and its metadata; idempotent; returns the stored metadata.
 
         The artifact must hash to ``metadata.kernel_id`` and be ``metadata.size_bytes`` long
-        (else :class:`~esper.errors.ArtifactIntegrityError`, nothing stored). The bytes are written
-        before the metadata row, so a listed kernel always has its bytes. The blueprint is
-        registered if it was not submitted before. Putting an id that is already stored keeps
-        the first metadata and returns it.
+        (else :class:`~esper.errors.ArtifactIntegrityError`), be a well-formed kernel artifact
+        (else :class:`~esper.errors.ArtifactFormatError`), and ``metadata`` must say what the
+        artifact's header says: blueprint, target, init seed, parameter count, dtype, checksum
+        (else :class:`~esper.urza.errors.KernelMetadataMismatchError`); a refused put stores
+        nothing (every refusal is in :data:`~esper.urza.errors.ARTIFACT_REFUSALS`). The bytes
+        are written before the metadata row, so a listed kernel always has its bytes. The
+        blueprint is registered if it was not submitted before. Putting an id that is already
+        stored keeps the first metadata and returns it.
         """
         ...
 
@@ -101,8 +114,11 @@ class ArtifactLibrary(Protocol):
         target: KernelTarget | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[KernelMetadata]:
-        """Kernels matching every given filter, oldest first.
+        """Kernels matching every given filter, oldest first (a page of them: see
+        :meth:`list_blueprints`).
 
         Args:
             blueprint_id: built from this blueprint.
@@ -152,7 +168,7 @@ class ArtifactLibrary(Protocol):
         ...
 
     def fail_job(self, job_id: str, worker_id: str, error: str) -> CompileJob:
-        """Mark a claimed job FAILED with a message saying why."""
+        """Mark a claimed job FAILED with a message saying why (cut to fit, NULs escaped)."""
         ...
 
     def get_job(self, job_id: str) -> CompileJob:
@@ -160,9 +176,14 @@ class ArtifactLibrary(Protocol):
         ...
 
     def list_jobs(
-        self, status: CompileJobStatus | None = None, *, blueprint_id: str | None = None
+        self,
+        status: CompileJobStatus | None = None,
+        *,
+        blueprint_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[CompileJob]:
-        """Compile jobs, oldest first, optionally filtered by status and blueprint."""
+        """Compile jobs, oldest first, optionally filtered by status and blueprint (a page)."""
         ...
 
     # Library ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ boto3 is imported when a store is created, never when :mod:`esper.urza` is impor
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 from esper.errors import ConfigurationError, KernelNotFoundError
@@ -87,6 +87,11 @@ class S3BlobStore:
         query = f"?endpoint_url={self.endpoint_url}" if self.endpoint_url else ""
         return f"s3://{self.bucket}/{self.prefix}{query}"
 
+    @property
+    def locations(self) -> tuple[str, ...]:
+        """The URL, the bucket's URL and the endpoint."""
+        return tuple(x for x in (self.url, f"s3://{self.bucket}", self.endpoint_url) if x)
+
     def object_key(self, key: str) -> str:
         """The S3 object key of blob ``key`` (the key is checked to be a digest first)."""
         check_content_id(key, what="blob key")
@@ -95,6 +100,10 @@ class S3BlobStore:
     def put(self, key: str, data: bytes) -> None:
         """Upload ``data`` under ``key`` (an S3 PUT replaces the object atomically)."""
         self._client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data)
+
+    def put_file(self, key: str, file: BinaryIO) -> None:
+        """Upload the bytes of ``file`` (from its current position to its end) under ``key``."""
+        self._client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=file)
 
     def get(self, key: str) -> bytes:
         """Download the object stored under ``key``."""

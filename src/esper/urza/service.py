@@ -7,25 +7,25 @@ values are answered with 422. Kernel downloads are streamed. Errors come back as
 ``{"error": <class name>, "detail": <message>}`` so that
 :class:`~esper.urza.http_client.HttpUrza` raises the same exception the library raised.
 
-Run it with ``python -m esper.urza --host 127.0.0.1 --port 8765`` (URLs and token from the
-environment, see :class:`~esper.urza.settings.UrzaSettings`) or call :func:`serve`.
+Run it with ``esper urza serve --host 127.0.0.1 --port 8765`` (URLs, token and limits from the
+environment, see :class:`~esper.urza.settings.UrzaSettings`) or call :func:`serve`. Uploads,
+request bodies and kernel sizes are bounded (:mod:`esper.urza.service_limits`,
+:mod:`esper.urza.admission`); errors never show where the library's storage is
+(:mod:`esper.urza.service_errors`).
 FastAPI and uvicorn are imported with this module, never by ``import esper.urza``.
 """
 
 from __future__ import annotations
 
-import hmac
 import importlib.metadata
 import logging
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import IO, Annotated
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from esper.contracts import (
     BlueprintRecord,
@@ -35,7 +35,8 @@ from esper.contracts import (
     KernelMetadata,
     LibraryStats,
 )
-from esper.errors import ArtifactIntegrityError, ConfigurationError, EsperError, KernelNotFoundError
+from esper.errors import ArtifactIntegrityError, ConfigurationError, EsperError
+from esper.urza.admission import Admission, BlueprintCatalog
 from esper.urza.api_models import (
     KERNEL_ID_HEADER,
     METADATA_HEADER,
@@ -43,111 +44,41 @@ from esper.urza.api_models import (
     BlueprintStatusChange,
     BlueprintSubmission,
     ClaimRequest,
-    ErrorBody,
     JobCompletion,
     JobFailure,
     JobRequest,
     KernelQuery,
+    PageLimit,
+    PageOffset,
     decode_metadata_header,
 )
-from esper.urza.errors import (
-    AuthenticationError,
-    BlueprintNotFoundError,
-    JobNotFoundError,
-    JobStateError,
-)
+from esper.urza.errors import ArtifactTooLargeError
 from esper.urza.library import ArtifactLibrary
-from esper.urza.settings import UrzaSettings
+from esper.urza.pagination import MAX_PAGE_SIZE
+from esper.urza.service_auth import RequireBearerToken, require_token
+from esper.urza.service_errors import (
+    AnswerUnexpectedErrors,
+    HttpError,
+    Redactor,
+    answer_library_error,
+)
+from esper.urza.service_limits import (
+    LimitRequestBodies,
+    UploadSlots,
+    drain_request,
+    spool_upload,
+)
+from esper.urza.settings import ServiceLimits, UrzaSettings
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
-"""Largest kernel upload the service accepts by default."""
 
 _SHA256 = r"^[0-9a-f]{64}$"
 _JOB = r"^[0-9a-f]{32}$"
 KernelIdPath = Annotated[str, Path(pattern=_SHA256, description="sha256 hex of the artifact")]
 BlueprintIdPath = Annotated[str, Path(pattern=_SHA256, description="sha256 hex of the spec")]
 JobIdPath = Annotated[str, Path(pattern=_JOB, description="32 hex digits")]
-
-_STATUS_OF_ERROR: dict[type[EsperError], int] = {
-    KernelNotFoundError: 404,
-    BlueprintNotFoundError: 404,
-    JobNotFoundError: 404,
-    JobStateError: 409,
-    ConfigurationError: 422,
-}
-
-
-class _HttpError(Exception):
-    """An error answered directly by the service (not raised by the library)."""
-
-    def __init__(self, status_code: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.body = ErrorBody(error=error, detail=detail)
-
-
-def _error_status(error: EsperError, request: Request) -> int:
-    if isinstance(error, ArtifactIntegrityError):
-        # On an upload the client sent bad bytes; on a read the stored copy is corrupted.
-        return 422 if request.method == "PUT" else 500
-    for cls, status in _STATUS_OF_ERROR.items():
-        if isinstance(error, cls):
-            return status
-    return 500
-
-
-_bearer = HTTPBearer(auto_error=False, description=f"the service's token ({TOKEN_ENV})")
-_OPEN_PATHS = frozenset({"/healthz"})
-
-
-def _token_problem(authorization: str | None, expected: bytes) -> str | None:
-    """Why an ``Authorization`` header value does not grant access, or ``None`` when it does."""
-    scheme, _, credentials = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not credentials:
-        return (
-            f"missing 'Authorization: Bearer <token>' header; set {TOKEN_ENV} to the service's "
-            "token."
-        )
-    if not hmac.compare_digest(credentials.strip().encode(), expected):
-        return f"wrong bearer token; set {TOKEN_ENV} to the token the service was started with."
-    return None
-
-
-def _unauthorized(detail: str) -> JSONResponse:
-    body = ErrorBody(error=AuthenticationError.__name__, detail=detail)
-    return JSONResponse(body.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-
-
-class _RequireBearerToken:
-    """ASGI middleware: answer 401 before routing, so no unauthenticated request gets further
-    (not even to a 404, 405 or a body-parsing error)."""
-
-    def __init__(self, app: ASGIApp, *, token: bytes) -> None:
-        self.app = app
-        self.token = token
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        problem = _token_problem(None if header is None else header.decode("latin-1"), self.token)
-        if problem is None:
-            await self.app(scope, receive, send)
-        else:
-            await _unauthorized(problem)(scope, receive, send)
-
-
-def _require_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Route dependency that declares the bearer scheme in the OpenAPI schema (and checks it)."""
-    problem = _token_problem(request.headers.get("authorization"), request.app.state.urza_token)
-    if problem is not None:
-        raise _HttpError(401, AuthenticationError.__name__, problem)
+Limit = Annotated[PageLimit, Query(description=f"rows in the page (at most {MAX_PAGE_SIZE})")]
+Offset = Annotated[PageOffset, Query(description="rows skipped before the page")]
 
 
 def _package_version() -> str:
@@ -167,18 +98,35 @@ def _guarded(chunks: Iterator[bytes], kernel_id: str) -> Iterator[bytes]:
         )
 
 
+def _file_store(library: ArtifactLibrary) -> Callable[[IO[bytes], KernelMetadata], KernelMetadata]:
+    """How to store a spooled upload: from the file when the library can, else from its bytes."""
+    put_file = getattr(library, "put_kernel_file", None)
+    if callable(put_file):
+        return put_file
+    return lambda file, metadata: library.put_kernel(file.read(), metadata)
+
+
+def _storage_locations(library: ArtifactLibrary) -> tuple[str, ...]:
+    locations = getattr(library, "locations", None)
+    return tuple(locations()) if callable(locations) else ()
+
+
 def create_app(
     library: ArtifactLibrary,
     token: str,
     *,
-    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+    limits: ServiceLimits | None = None,
+    catalog: BlueprintCatalog | None = None,
 ) -> FastAPI:
     """The FastAPI app that serves ``library`` to holders of ``token``.
 
     Args:
         library: the library to expose (normally a storage-backed one over PostgreSQL and S3).
         token: the bearer token every request (except ``/healthz``) must carry.
-        max_artifact_bytes: uploads larger than this are refused with 413.
+        limits: sizes of uploads and requests, uploads at once, kernel sizes (defaults of
+            :class:`~esper.urza.settings.ServiceLimits` when ``None``).
+        catalog: the blueprint families submissions are checked against (see
+            :mod:`esper.urza.admission`); ``None``: contracts only.
 
     Raises:
         ConfigurationError: when ``token`` is empty.
@@ -188,6 +136,11 @@ def create_app(
             f"the Urza service needs a bearer token; set {TOKEN_ENV} (any long random string, "
             "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)."
         )
+    limits = limits or ServiceLimits()
+    admission = Admission(limits, catalog)
+    uploads = UploadSlots(limits.max_concurrent_uploads)
+    redact = Redactor(_storage_locations(library))
+    store_file = _file_store(library)
     app = FastAPI(
         title="Urza",
         summary="Esper's artifact library: blueprints, compiled kernels and compile jobs.",
@@ -197,21 +150,21 @@ def create_app(
         redoc_url=None,
     )
     app.state.urza_token = token.encode()
-    app.add_middleware(_RequireBearerToken, token=token.encode())
-    authorized = [Depends(_require_token)]
+    # Outermost last: unexpected errors, then the token, then body sizes, then the routes.
+    app.add_middleware(LimitRequestBodies, max_bytes=limits.max_request_bytes)
+    app.add_middleware(RequireBearerToken, token=token.encode())
+    app.add_middleware(AnswerUnexpectedErrors)
+    authorized = [Depends(require_token)]
 
-    @app.exception_handler(_HttpError)
-    async def _answer_http_error(_request: Request, error: _HttpError) -> JSONResponse:
+    @app.exception_handler(HttpError)
+    async def _answer_http_error(_request: Request, error: HttpError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
-        return JSONResponse(error.body.model_dump(), status_code=error.status_code, headers=headers)
+        body = error.body.model_copy(update={"detail": redact(error.body.detail)})
+        return JSONResponse(body.model_dump(), status_code=error.status_code, headers=headers)
 
     @app.exception_handler(EsperError)
     async def _answer_library_error(request: Request, error: EsperError) -> JSONResponse:
-        status = _error_status(error, request)
-        if status >= 500:
-            logger.error("%s %s failed: %s", request.method, request.url.path, error)
-        body = ErrorBody(error=type(error).__name__, detail=str(error))
-        return JSONResponse(body.model_dump(), status_code=status)
+        return answer_library_error(error, request.method, request.url.path, redact)
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:
@@ -223,17 +176,25 @@ def create_app(
         """The OpenAPI schema of this service."""
         return JSONResponse(app.openapi())
 
+    @app.get("/limits", tags=["service"], dependencies=authorized)
+    def get_limits() -> ServiceLimits:
+        """What this service accepts (clients check uploads against it before sending them)."""
+        return limits
+
     # Blueprints ---------------------------------------------------------------------------
 
     @app.post("/blueprints", tags=["blueprints"], dependencies=authorized)
     def submit_blueprint(body: BlueprintSubmission) -> BlueprintRecord:
-        """Store a blueprint under its content id (idempotent)."""
+        """Store a blueprint under its content id (idempotent) if the catalog accepts it."""
+        admission.check_blueprint(body.spec)
         return library.submit_blueprint(body.spec, name=body.name)
 
     @app.get("/blueprints", tags=["blueprints"], dependencies=authorized)
-    def list_blueprints(status: BlueprintStatus | None = None) -> list[BlueprintRecord]:
-        """Blueprints, oldest first."""
-        return library.list_blueprints(status)
+    def list_blueprints(
+        status: BlueprintStatus | None = None, limit: Limit = MAX_PAGE_SIZE, offset: Offset = 0
+    ) -> list[BlueprintRecord]:
+        """Blueprints, oldest first (one page)."""
+        return library.list_blueprints(status, limit=limit, offset=offset)
 
     @app.put("/blueprints/{blueprint_id:path}/status", tags=["blueprints"], dependencies=authorized)
     def set_blueprint_status(
@@ -251,15 +212,56 @@ def create_app(
 
     @app.post("/kernels/search", tags=["kernels"], dependencies=authorized)
     def find_kernels(body: KernelQuery) -> list[KernelMetadata]:
-        """Kernels matching every given filter, oldest first."""
+        """Kernels matching every given filter, oldest first (one page)."""
         return library.find_kernels(
-            blueprint_id=body.blueprint_id, target=body.target, device=body.device, dtype=body.dtype
+            blueprint_id=body.blueprint_id,
+            target=body.target,
+            device=body.device,
+            dtype=body.dtype,
+            limit=body.limit,
+            offset=body.offset,
         )
 
     @app.get("/kernels/{kernel_id:path}/metadata", tags=["kernels"], dependencies=authorized)
     def get_kernel_metadata(kernel_id: KernelIdPath) -> KernelMetadata:
         """The metadata stored with a kernel."""
         return library.get_kernel_metadata(kernel_id)
+
+    def upload_problem(kernel_id: str, header: str, declared: str | None) -> HttpError | None:
+        """Why an upload is refused before its body is read, or ``None``."""
+        try:
+            metadata = decode_metadata_header(header)
+        except (ValueError, ValidationError) as error:
+            return HttpError(422, ConfigurationError.__name__, f"{METADATA_HEADER}: {error}")
+        if metadata.kernel_id != kernel_id:
+            return HttpError(
+                422,
+                ConfigurationError.__name__,
+                f"the path names kernel {kernel_id} but the metadata names {metadata.kernel_id}.",
+            )
+        if metadata.size_bytes > limits.max_artifact_bytes:
+            return HttpError(
+                413,
+                ArtifactTooLargeError.__name__,
+                f"kernel {kernel_id} is {metadata.size_bytes} bytes; this service accepts at "
+                f"most {limits.max_artifact_bytes} (max_artifact_bytes).",
+            )
+        most = limits.max_kernel_parameters
+        if most is not None and metadata.parameter_count > most:
+            return HttpError(
+                413,
+                ArtifactTooLargeError.__name__,
+                f"kernel {kernel_id} has {metadata.parameter_count} parameters; this service "
+                f"accepts at most {most} (max_kernel_parameters).",
+            )
+        if declared is not None and declared.isdigit() and int(declared) != metadata.size_bytes:
+            return HttpError(
+                422,
+                ArtifactIntegrityError.__name__,
+                f"kernel {kernel_id}: the body is {declared} bytes but the metadata's "
+                f"size_bytes={metadata.size_bytes}; nothing was stored.",
+            )
+        return None
 
     @app.put(
         "/kernels/{kernel_id:path}",
@@ -282,37 +284,19 @@ def create_app(
             Header(alias=METADATA_HEADER, description="KernelMetadata JSON, base64url-encoded"),
         ],
     ) -> KernelMetadata:
-        """Upload an artifact (raw body) with its metadata; idempotent."""
-        try:
-            metadata = decode_metadata_header(metadata_header)
-        except (ValueError, ValidationError) as error:
-            raise _HttpError(
-                422, ConfigurationError.__name__, f"{METADATA_HEADER}: {error}"
-            ) from None
-        if metadata.kernel_id != kernel_id:
-            raise _HttpError(
-                422,
-                ConfigurationError.__name__,
-                f"the path names kernel {kernel_id} but the metadata names {metadata.kernel_id}.",
-            )
-        if metadata.size_bytes > max_artifact_bytes:
-            raise _HttpError(
-                413,
-                ConfigurationError.__name__,
-                f"kernel {kernel_id} is {metadata.size_bytes} bytes; this service accepts at "
-                f"most {max_artifact_bytes}.",
-            )
-        artifact = bytearray()
-        async for part in request.stream():
-            artifact += part
-            if len(artifact) > metadata.size_bytes:
-                raise _HttpError(
-                    422,
-                    ArtifactIntegrityError.__name__,
-                    f"kernel {kernel_id}: the body is longer than the metadata's "
-                    f"size_bytes={metadata.size_bytes}; nothing was stored.",
-                )
-        return await run_in_threadpool(library.put_kernel, bytes(artifact), metadata)
+        """Upload an artifact (raw body, streamed to a temporary file) with its metadata."""
+        declared = request.headers.get("content-length")
+        problem = upload_problem(kernel_id, metadata_header, declared) or uploads.refusal()
+        if problem is not None:
+            await drain_request(request)
+            raise problem
+        metadata = decode_metadata_header(metadata_header)
+        with uploads.hold():
+            spool = await spool_upload(request, metadata)
+            try:
+                return await run_in_threadpool(store_file, spool, metadata)
+            finally:
+                spool.close()
 
     @app.get(
         "/kernels/{kernel_id:path}",
@@ -334,16 +318,19 @@ def create_app(
 
     @app.post("/jobs", tags=["jobs"], dependencies=authorized)
     def enqueue_job(body: JobRequest) -> CompileJob:
-        """Queue a compile job (or return the equal pending one)."""
+        """Queue a compile job (or return the equal pending one) if its kernel fits the limits."""
+        admission.check_job(library.get_blueprint(body.blueprint_id).spec, body.target)
         return library.enqueue_job(body.blueprint_id, body.target, init_seed=body.init_seed)
 
     @app.get("/jobs", tags=["jobs"], dependencies=authorized)
     def list_jobs(
         status: CompileJobStatus | None = None,
         blueprint_id: Annotated[str | None, Query(pattern=_SHA256)] = None,
+        limit: Limit = MAX_PAGE_SIZE,
+        offset: Offset = 0,
     ) -> list[CompileJob]:
-        """Compile jobs, oldest first."""
-        return library.list_jobs(status, blueprint_id=blueprint_id)
+        """Compile jobs, oldest first (one page)."""
+        return library.list_jobs(status, blueprint_id=blueprint_id, limit=limit, offset=offset)
 
     @app.post("/jobs/claim", tags=["jobs"], dependencies=authorized)
     def claim_job(body: ClaimRequest) -> CompileJob | None:
@@ -387,6 +374,7 @@ def serve(
     library: ArtifactLibrary | None = None,
     token: str | None = None,
     settings: UrzaSettings | None = None,
+    catalog: BlueprintCatalog | None = None,
     log_level: str = "info",
 ) -> None:
     """Run the service until interrupted (blocking).
@@ -397,7 +385,9 @@ def serve(
         library: the library to serve; opened from ``settings`` (metadata and blob URLs) when
             ``None``, and closed when the server stops.
         token: the bearer token; ``settings.token`` (``ESPER_URZA_TOKEN``) when ``None``.
-        settings: where URLs and token come from; read from the environment when ``None``.
+        settings: URLs, token and limits; read from the environment when ``None``.
+        catalog: the blueprint families submissions are checked against (``esper urza serve``
+            gives the built-in ones); ``None``: contracts only, with a warning.
         log_level: uvicorn's log level.
     """
     import uvicorn
@@ -406,12 +396,18 @@ def serve(
 
     settings = settings or UrzaSettings.from_env()
     token = token or (settings.token.get_secret_value() if settings.token else "")
+    if catalog is None:
+        logger.warning(
+            "no blueprint catalog: submitted blueprints and compile jobs are checked as "
+            "contracts only (start the service with `esper urza serve` to check them against "
+            "the blueprint registry and the kernel size limits)"
+        )
     owned = library is None
     served = library or open_storage_library(
         metadata_url=settings.metadata_url, blob_url=settings.blob_url, run_dir=settings.run_dir
     )
     try:
-        app = create_app(served, token)
+        app = create_app(served, token, limits=settings.limits, catalog=catalog)
         logger.info("Urza service on http://%s:%d serving %r", host, port, served)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

@@ -1,4 +1,4 @@
-"""A local Urza service process: start ``python -m esper.urza`` on a port and wait until it answers.
+"""A local Urza service process: start ``esper urza serve`` on a port and wait until it answers.
 
 For tests, benchmarks and single-machine multi-process runs that want the shared service without
 deploying it::
@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 
 from esper.urza.api_models import TOKEN_ENV
@@ -45,6 +45,7 @@ class ServiceProcess:
         host: interface to listen on.
         port: TCP port; a free one when ``None``.
         env: extra environment variables for the process.
+        options: further ``esper urza serve`` options, e.g. ``["--max-artifact-bytes", "4096"]``.
         startup_timeout: seconds to wait for ``/healthz`` to answer.
     """
 
@@ -57,6 +58,7 @@ class ServiceProcess:
         host: str = "127.0.0.1",
         port: int | None = None,
         env: Mapping[str, str] | None = None,
+        options: Sequence[str] = (),
         startup_timeout: float = 60.0,
     ) -> None:
         self.metadata_url = metadata_url
@@ -64,6 +66,7 @@ class ServiceProcess:
         self.host = host
         self.port = port if port is not None else _free_port(host)
         self._env = {**os.environ, **(env or {}), TOKEN_ENV: token}
+        self._options = list(options)
         self._startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
         # Lives as long as the process (closed in __exit__), so no ``with`` block fits.
@@ -79,7 +82,11 @@ class ServiceProcess:
         command = [
             sys.executable,
             "-m",
-            "esper.urza",
+            "esper.cli",
+            "--log-level",
+            "WARNING",
+            "urza",
+            "serve",
             "--host",
             self.host,
             "--port",
@@ -88,8 +95,7 @@ class ServiceProcess:
             self.metadata_url,
             "--blob-url",
             self.blob_url,
-            "--log-level",
-            "warning",
+            *self._options,
         ]
         self._process = subprocess.Popen(
             command, env=self._env, stdout=self._log, stderr=subprocess.STDOUT

@@ -289,11 +289,21 @@ class SqlJobQueue:
         return self._existing_job(row, job_id)
 
     def find(
-        self, *, status: CompileJobStatus | None, blueprint_id: str | None
+        self,
+        *,
+        status: CompileJobStatus | None,
+        blueprint_id: str | None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[CompileJob]:
-        """Jobs, oldest first, optionally filtered."""
+        """Jobs, oldest first, optionally filtered (``limit`` rows after ``offset``)."""
         columns = jobs_table.c
-        query = select(jobs_table).order_by(columns.created_at, columns.job_id)
+        query = (
+            select(jobs_table)
+            .order_by(columns.created_at, columns.job_id)
+            .limit(limit)
+            .offset(offset)
+        )
         if status is not None:
             query = query.where(columns.status == status.value)
         if blueprint_id is not None:

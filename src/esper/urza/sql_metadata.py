@@ -9,6 +9,7 @@ ids, digests and write order is the library's work (:mod:`esper.urza.storage_lib
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Row, func, select, update
@@ -62,6 +63,18 @@ class SqlMetadataStore:
         """The database URL with any password hidden."""
         return self._url.render_as_string(hide_password=True)
 
+    @property
+    def locations(self) -> tuple[str, ...]:
+        """Every form of where the database is (URLs, file path, host:port), to keep out of
+        answers sent to clients."""
+        url = self._url
+        found = [self.url, url.render_as_string(hide_password=False)]
+        if url.get_backend_name() == "sqlite" and url.database:
+            found += [url.database, str(Path(url.database).expanduser().resolve())]
+        elif url.host:
+            found.append(f"{url.host}:{url.port}" if url.port else url.host)
+        return tuple(found)
+
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
@@ -104,10 +117,15 @@ class SqlMetadataStore:
             ).first()
         return None if row is None else _blueprint_from_row(row)
 
-    def list_blueprints(self, *, status: BlueprintStatus | None) -> list[BlueprintRecord]:
-        """Blueprints, oldest first, optionally with one status."""
-        query = select(blueprints_table).order_by(
-            blueprints_table.c.created_at, blueprints_table.c.blueprint_id
+    def list_blueprints(
+        self, *, status: BlueprintStatus | None, limit: int | None = None, offset: int = 0
+    ) -> list[BlueprintRecord]:
+        """Blueprints, oldest first, optionally with one status (``limit`` rows after ``offset``)."""
+        query = (
+            select(blueprints_table)
+            .order_by(blueprints_table.c.created_at, blueprints_table.c.blueprint_id)
+            .limit(limit)
+            .offset(offset)
         )
         if status is not None:
             query = query.where(blueprints_table.c.status == status.value)
@@ -189,10 +207,17 @@ class SqlMetadataStore:
         target: KernelTarget | None,
         device: str | None,
         dtype: str | None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[KernelMetadata]:
-        """Kernels matching every given filter, oldest first."""
+        """Kernels matching every given filter, oldest first (``limit`` rows after ``offset``)."""
         columns = kernels_table.c
-        query = select(columns.metadata_json).order_by(columns.created_at, columns.kernel_id)
+        query = (
+            select(columns.metadata_json)
+            .order_by(columns.created_at, columns.kernel_id)
+            .limit(limit)
+            .offset(offset)
+        )
         if blueprint_id is not None:
             query = query.where(columns.blueprint_id == blueprint_id)
         if target is not None:

@@ -9,10 +9,12 @@ the digest of every artifact it reads.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import BinaryIO
 
 from esper.contracts import (
     BlueprintRecord,
@@ -24,36 +26,54 @@ from esper.contracts import (
     KernelTarget,
     LibraryStats,
 )
+from esper.contracts.bounds import MAX_INT64, MAX_NAME_CHARS, text_within_bounds
 from esper.errors import ArtifactIntegrityError, ConfigurationError, KernelNotFoundError
+from esper.urza.artifact_check import check_metadata, scan_artifact
 from esper.urza.blob_stores import DEFAULT_CHUNK_BYTES, BlobStore
 from esper.urza.content_ids import (
     check_content_id,
     check_job_id,
     new_job_id,
-    sha256_hex,
     verified_chunks,
     verify_digest,
 )
 from esper.urza.errors import BlueprintNotFoundError
-from esper.urza.library import DEFAULT_LEASE_SECONDS
+from esper.urza.library import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
+from esper.urza.pagination import check_page
 from esper.urza.sql_metadata import SqlMetadataStore
 
-_MAX_WORKER_ID = 200
 
-
-def _check_worker_id(worker_id: str) -> str:
-    if isinstance(worker_id, str) and 0 < len(worker_id) <= _MAX_WORKER_ID:
-        return worker_id
+def _check_name(value: str | None, *, what: str) -> str:
+    if isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and "\x00" not in value:
+        return value
     raise ConfigurationError(
-        f"worker id must be a non-empty string of at most {_MAX_WORKER_ID} characters, "
-        f"got {worker_id!r:.80}."
+        f"{what} must be a string of 1-{MAX_NAME_CHARS} characters without NUL, got {value!r:.80}."
     )
 
 
+def _check_worker_id(worker_id: str) -> str:
+    return _check_name(worker_id, what="worker id")
+
+
 def _check_lease(lease_seconds: float) -> float:
-    if math.isfinite(lease_seconds) and lease_seconds > 0:
+    if (
+        isinstance(lease_seconds, int | float)
+        and math.isfinite(lease_seconds)
+        and 0 < lease_seconds <= MAX_LEASE_SECONDS
+    ):
         return float(lease_seconds)
-    raise ConfigurationError(f"lease_seconds must be a positive number, got {lease_seconds!r}.")
+    raise ConfigurationError(
+        f"lease_seconds must be a number of seconds in (0, {MAX_LEASE_SECONDS}], got "
+        f"{lease_seconds!r:.40}."
+    )
+
+
+def _check_init_seed(init_seed: int) -> int:
+    if type(init_seed) is int and 0 <= init_seed <= MAX_INT64:
+        return init_seed
+    raise ConfigurationError(
+        f"init_seed must be an integer from 0 to 2**63-1, got {init_seed!r:.40}."
+    )
 
 
 class StorageLibrary:
@@ -94,8 +114,8 @@ class StorageLibrary:
 
     def submit_blueprint(self, spec: BlueprintSpec, *, name: str | None = None) -> BlueprintRecord:
         """Store ``spec`` under its content id (idempotent)."""
-        if name is not None and not 0 < len(name) <= 200:
-            raise ConfigurationError(f"blueprint name must be 1-200 characters, got {name!r:.80}.")
+        if name is not None:
+            _check_name(name, what="blueprint name")
         return self.metadata.insert_blueprint(spec=spec, name=name, now=self._clock())
 
     def get_blueprint(self, blueprint_id: str) -> BlueprintRecord:
@@ -106,10 +126,13 @@ class StorageLibrary:
             raise self._blueprint_not_found(blueprint_id)
         return record
 
-    def list_blueprints(self, status: BlueprintStatus | None = None) -> list[BlueprintRecord]:
-        """Blueprints, oldest first."""
+    def list_blueprints(
+        self, status: BlueprintStatus | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> list[BlueprintRecord]:
+        """Blueprints, oldest first (``limit`` of them after ``offset``; ``None``: all)."""
+        limit, offset = check_page(limit, offset)
         return self.metadata.list_blueprints(
-            status=None if status is None else BlueprintStatus(status)
+            status=None if status is None else BlueprintStatus(status), limit=limit, offset=offset
         )
 
     def set_blueprint_status(
@@ -118,7 +141,9 @@ class StorageLibrary:
         """Change a blueprint's status."""
         check_content_id(blueprint_id, what="blueprint id")
         record = self.metadata.update_blueprint_status(
-            blueprint_id=blueprint_id, status=BlueprintStatus(status), reason=reason
+            blueprint_id=blueprint_id,
+            status=BlueprintStatus(status),
+            reason=None if reason is None else text_within_bounds(str(reason)),
         )
         if record is None:
             raise self._blueprint_not_found(blueprint_id)
@@ -135,22 +160,33 @@ class StorageLibrary:
 
     def put_kernel(self, artifact: bytes, metadata: KernelMetadata) -> KernelMetadata:
         """Check and store an artifact: bytes first, then the metadata row."""
+        return self.put_kernel_file(io.BytesIO(artifact), metadata)
+
+    def put_kernel_file(self, file: BinaryIO, metadata: KernelMetadata) -> KernelMetadata:
+        """:meth:`put_kernel` for an artifact in a seekable binary file (read from its start).
+
+        The file is read twice (checked, then copied to the blob store), never held in memory
+        whole: the service spools uploads to a temporary file and stores them from there.
+        """
         kernel_id = metadata.kernel_id
-        if len(artifact) != metadata.size_bytes:
+        file.seek(0)
+        scan = scan_artifact(file)
+        if scan.size_bytes != metadata.size_bytes:
             raise ArtifactIntegrityError(
-                f"kernel {kernel_id}: the artifact is {len(artifact)} bytes but its metadata says "
-                f"size_bytes={metadata.size_bytes}; nothing was stored. Build the metadata from "
-                "the artifact being put."
+                f"kernel {kernel_id}: the artifact is {scan.size_bytes} bytes but its metadata "
+                f"says size_bytes={metadata.size_bytes}; nothing was stored. Build the metadata "
+                "from the artifact being put."
             )
-        actual = sha256_hex(artifact)
-        if actual != kernel_id:
+        if scan.kernel_id != kernel_id:
             raise ArtifactIntegrityError(
-                f"kernel {kernel_id}: the artifact being put has sha256 {actual}, expected "
-                f"{kernel_id} (metadata.kernel_id must be hashlib.sha256(artifact).hexdigest()); "
-                "nothing was stored."
+                f"kernel {kernel_id}: the artifact being put has sha256 {scan.kernel_id}, "
+                f"expected {kernel_id} (metadata.kernel_id must be "
+                "hashlib.sha256(artifact).hexdigest()); nothing was stored."
             )
+        check_metadata(scan.facts(), metadata)
         # Always (re)write the object: a put repairs a corrupted or missing copy.
-        self.blobs.put(kernel_id, artifact)
+        file.seek(0)
+        self.blobs.put_file(kernel_id, file)
         return self.metadata.insert_kernel(metadata=metadata, now=self._clock())
 
     def get_kernel_bytes(self, kernel_id: str) -> bytes:
@@ -190,12 +226,20 @@ class StorageLibrary:
         target: KernelTarget | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[KernelMetadata]:
-        """Kernels matching every given filter, oldest first."""
+        """Kernels matching every given filter, oldest first (a page; ``None``: all)."""
         if blueprint_id is not None:
             check_content_id(blueprint_id, what="blueprint id")
+        limit, offset = check_page(limit, offset)
         return self.metadata.find_kernels(
-            blueprint_id=blueprint_id, target=target, device=device, dtype=dtype
+            blueprint_id=blueprint_id,
+            target=target,
+            device=device,
+            dtype=dtype,
+            limit=limit,
+            offset=offset,
         )
 
     # Compile jobs -------------------------------------------------------------------------
@@ -209,7 +253,7 @@ class StorageLibrary:
             job_id=new_job_id(),
             blueprint_id=blueprint_id,
             target=target,
-            init_seed=init_seed,
+            init_seed=_check_init_seed(init_seed),
             now=self._clock(),
         )
 
@@ -251,7 +295,7 @@ class StorageLibrary:
             worker_id=_check_worker_id(worker_id),
             status=CompileJobStatus.FAILED,
             kernel_id=None,
-            error=str(error),
+            error=text_within_bounds(str(error)),
         )
 
     def get_job(self, job_id: str) -> CompileJob:
@@ -259,13 +303,22 @@ class StorageLibrary:
         return self.metadata.jobs.get(job_id=check_job_id(job_id))
 
     def list_jobs(
-        self, status: CompileJobStatus | None = None, *, blueprint_id: str | None = None
+        self,
+        status: CompileJobStatus | None = None,
+        *,
+        blueprint_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[CompileJob]:
-        """Compile jobs, oldest first."""
+        """Compile jobs, oldest first (a page; ``None``: all)."""
         if blueprint_id is not None:
             check_content_id(blueprint_id, what="blueprint id")
+        limit, offset = check_page(limit, offset)
         return self.metadata.jobs.find(
-            status=None if status is None else CompileJobStatus(status), blueprint_id=blueprint_id
+            status=None if status is None else CompileJobStatus(status),
+            blueprint_id=blueprint_id,
+            limit=limit,
+            offset=offset,
         )
 
     # Library ------------------------------------------------------------------------------
@@ -279,6 +332,11 @@ class StorageLibrary:
             kernel_bytes=kernel_bytes,
             jobs_by_status={s: jobs.get(s.value, 0) for s in CompileJobStatus},
         )
+
+    def locations(self) -> tuple[str, ...]:
+        """Every form of where this library keeps its data (database URL and file, blob folder
+        or bucket): the service keeps these out of the answers it sends."""
+        return (*self.metadata.locations, *self.blobs.locations)
 
     def close(self) -> None:
         """Close the metadata and blob stores."""

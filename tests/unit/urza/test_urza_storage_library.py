@@ -11,13 +11,26 @@ from esper.contracts import (
     BlueprintSpec,
     BlueprintStatus,
     CompileJobStatus,
+    KernelCharacterization,
     KernelTarget,
     LayerKind,
 )
 from esper.errors import ArtifactIntegrityError, ConfigurationError, KernelNotFoundError
 from esper.urza import ArtifactLibrary, BlueprintNotFoundError, JobNotFoundError, JobStateError
 from esper.urza.blob_stores import LocalBlobStore
+from esper.urza.errors import KernelMetadataMismatchError
 from esper.urza.storage_library import StorageLibrary
+
+
+def _characterization(latency_us: float) -> KernelCharacterization:
+    return KernelCharacterization(
+        device="cpu",
+        latency_us_median=latency_us,
+        flops_per_sample=100,
+        batch_sizes_validated=(1, 3),
+        exportable=True,
+    )
+
 
 # ---------------------------------------------------------------------------------------------
 # Blueprints
@@ -99,9 +112,14 @@ def test_kernel_round_trip_bytes_metadata_and_stream(library: StorageLibrary, ma
 def test_putting_the_same_kernel_twice_is_idempotent(library: StorageLibrary, make_kernel) -> None:
     artifact, metadata = make_kernel(2048)
     first = library.put_kernel(artifact, metadata)
+    characterized = metadata.model_copy(
+        update={"characterization": _characterization(latency_us=12.0)}
+    )
     relabelled = metadata.model_copy(update={"parameter_count": 7})
 
-    second = library.put_kernel(artifact, relabelled)
+    second = library.put_kernel(artifact, characterized)
+    with pytest.raises(KernelMetadataMismatchError, match="parameter_count"):
+        library.put_kernel(artifact, relabelled)
 
     assert second == first == metadata  # the first metadata is kept
     stats = library.stats()
@@ -170,10 +188,10 @@ def test_object_is_written_before_its_metadata_row(
 ) -> None:
     artifact, metadata = make_kernel(512)
 
-    def blob_store_down(key: str, data: bytes) -> None:
+    def blob_store_down(key: str, file: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(library.blobs, "put", blob_store_down)
+    monkeypatch.setattr(library.blobs, "put_file", blob_store_down)
     with pytest.raises(OSError, match="disk full"):
         library.put_kernel(artifact, metadata)
     assert library.find_kernels() == []  # no row points at bytes that were never written

@@ -1,4 +1,8 @@
-"""Control contracts: what Tamiyo decides, what its safety gates refuse, and how growth is scored."""
+"""Control contracts: what Tamiyo decides, what its safety gates refuse, and how growth is scored.
+
+Every float here is computed by Esper itself (confidences, uncertainties, rewards, timestamps), so
+none may be NaN or infinite: a non-finite value is refused at validation.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import time
 import uuid
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, FiniteFloat
 
 from esper.contracts.base import Contract
 from esper.contracts.kernels import BlueprintSpec
@@ -42,9 +46,9 @@ class AdaptationDecision(Contract):
     blueprint: BlueprintSpec | None = None
     policy: str = Field(description="name of the policy that decided")
     confidence: float = Field(ge=0, le=1)
-    uncertainty: float = Field(ge=0)
+    uncertainty: FiniteFloat = Field(ge=0)
     reason: str = ""
-    created_at: float = Field(default_factory=time.time)
+    created_at: FiniteFloat = Field(default_factory=time.time)
 
 
 class DecisionRefusal(Contract):
@@ -62,7 +66,7 @@ class DecisionRefusal(Contract):
     gate: str
     reason: str
     policy: str
-    created_at: float = Field(default_factory=time.time)
+    created_at: FiniteFloat = Field(default_factory=time.time)
 
 
 class RewardReport(Contract):
@@ -72,9 +76,9 @@ class RewardReport(Contract):
     decision_id: str
     layer_name: str
     step: int = Field(ge=0)
-    components: dict[str, float] = Field(description="named reward components, unweighted")
-    weights: dict[str, float]
-    total: float
+    components: dict[str, FiniteFloat] = Field(description="named reward components, unweighted")
+    weights: dict[str, FiniteFloat]
+    total: FiniteFloat
     outcome: AdaptationAction | None = Field(
         default=None, description="what the evaluation led to: FOSSILIZE (kept) or CULL"
     )

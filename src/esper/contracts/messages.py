@@ -7,7 +7,7 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, FiniteFloat
 
 from esper.contracts.base import Contract
 from esper.contracts.kernels import KernelId, KernelTarget
@@ -42,12 +42,18 @@ class Envelope(Contract):
 
     ``payload_type`` names the contract the payload validates against (for example
     ``"HealthSignalBatch"``) so a consumer can decode it without guessing.
+
+    In JSON a non-finite float of the payload (a diverged layer's NaN output mean) is written as
+    the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` — valid JSON that validates back into
+    the same float — instead of ``null``, which would make the whole message undecodable.
     """
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
 
     event_id: str = Field(default_factory=_new_event_id, pattern=r"^[0-9a-f]{32}$")
     topic: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,127}$")
     sender: str = Field(min_length=1, max_length=200)
-    timestamp: float = Field(default_factory=time.time)
+    timestamp: FiniteFloat = Field(default_factory=time.time)
     trace_id: str = Field(default_factory=_new_event_id, max_length=64)
     payload_type: str = Field(min_length=1, max_length=100)
     payload: dict[str, Any]

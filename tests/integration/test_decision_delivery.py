@@ -20,6 +20,7 @@ from torch import nn
 import esper
 from esper.contracts import AdaptationAction, AdaptationDecision, SeedState, Topic
 from esper.oona import open_bus
+from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import UrzaArtifactSource, open_library
@@ -69,6 +70,7 @@ def test_decisions_survive_a_redis_restart_and_duplicates_are_ignored(tmp_path: 
         bus=training_bus,
         optimizer=optimizer,
         compile_worker=True,
+        safety=SafetyGates(SafetyConfig(max_parameter_fraction=10.0)),  # 816 + 676 on 212
         evaluation_steps=5,
     )
     x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))

@@ -113,7 +113,7 @@ def test_controller_process_grows_a_training_run_over_redis(bus_url: str, tmp_pa
         bus=training_bus,
         optimizer=optimizer,
         compile_worker=True,
-        safety=SafetyGates(SafetyConfig(loss_spike_tolerance=0.5)),
+        safety=SafetyGates(SafetyConfig(loss_spike_tolerance=0.5, max_parameter_fraction=2.5)),
         evaluation_steps=30,
         evaluate=evaluate,
         progress_every_steps=10,

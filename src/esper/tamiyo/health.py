@@ -219,30 +219,32 @@ class HealthCollector:
         layer.seed_states = tuple(seed.state for seed in signal.seeds)
         layer.nonfinite = any(seed.nonfinite_output for seed in signal.seeds)
         layer.grad_zscore = layer.std_zscore = 0.0
-        skipped = []
+        skipped = [  # a seed's alpha or contribution is not averaged, but flags the layer
+            (f"seeds[{seed.seed_idx}].{name}", getattr(seed, name))
+            for seed in signal.seeds
+            for name in ("alpha", "contribution_rms")
+            if not math.isfinite(getattr(seed, name))
+        ]
         if signal.samples > 0:
             for name in ("output_mean", "output_std", "dead_fraction"):
                 value = getattr(signal, name)
                 if math.isfinite(value):
                     self._smooth(layer, name, value)
                 else:
-                    skipped.append(name)
+                    skipped.append((name, value))
             if math.isfinite(signal.output_std):
                 log_std = math.log(signal.output_std + _EPS)
                 layer.std_zscore = self._zscore(layer.std_window, log_std)
                 _push(layer.std_window, log_std, self.window)
-        if (
-            signal.grad_norm is not None
-            and math.isfinite(signal.grad_norm)
-            and signal.grad_norm >= 0
-        ):
-            log_grad = math.log(signal.grad_norm + _EPS)
+        grad = signal.grad_norm
+        if grad is not None and math.isfinite(grad) and grad >= 0:
+            log_grad = math.log(grad + _EPS)
             self._smooth(layer, "log_grad_norm", log_grad)
             layer.grad_zscore = self._zscore(layer.grad_window, log_grad)
             _push(layer.grad_window, log_grad, self.window)
-        elif signal.grad_norm is not None:
-            skipped.append("grad_norm")
-        self._note_skipped(layer, signal, tuple(skipped))
+        elif grad is not None:
+            skipped.append(("grad_norm", grad))
+        self._note_skipped(layer, signal, skipped)
         z = max(abs(layer.grad_zscore), abs(layer.std_zscore))
         layer.severity = math.inf if layer.nonfinite else z
         layer.anomalous = layer.nonfinite or z > self.zscore_threshold
@@ -260,7 +262,7 @@ class HealthCollector:
             )
 
     def _note_skipped(
-        self, layer: _LayerHealth, signal: HealthSignal, skipped: tuple[str, ...]
+        self, layer: _LayerHealth, signal: HealthSignal, skipped: list[tuple[str, float]]
     ) -> None:
         """Flag a layer whose signal carried unusable statistics; log when that starts."""
         if skipped:
@@ -272,15 +274,15 @@ class HealthCollector:
                     "the layer is flagged anomalous",
                     signal.layer_name,
                     signal.step,
-                    ", ".join(f"{name}={getattr(signal, name)}" for name in skipped),
+                    ", ".join(f"{name}={value}" for name, value in skipped),
                 )
         elif layer.skipped:
             logger.info(
-                "layer %r reports finite statistics again at step %d",
+                "layer %r reports usable statistics again at step %d",
                 signal.layer_name,
                 signal.step,
             )
-        layer.skipped = skipped
+        layer.skipped = tuple(name for name, _ in skipped)
 
     def _smooth(self, layer: _LayerHealth, name: str, value: float) -> None:
         previous = layer.ema.get(name)

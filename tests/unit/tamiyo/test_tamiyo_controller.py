@@ -336,6 +336,35 @@ def test_an_executor_refusal_releases_the_committed_parameters() -> None:
     assert controller.counters["failed_on_training_side"] == 1
 
 
+def test_a_training_side_budget_refusal_releases_the_committed_parameters() -> None:
+    controller = TamiyoController(
+        None,
+        BottleneckPolicy(),
+        run_id="r",
+        model=_model(),
+        safety=SafetyGates(SafetyConfig(max_parameter_fraction=10.0)),
+    )
+    controller.observe_telemetry(_signals(10, {"2": math.exp(6.0)}))
+    decision = controller.decide(10).decision
+    assert decision is not None
+
+    controller.observe(  # the executor's own limits refused it: a gate name Tamiyo also uses
+        DecisionRefusal(
+            run_id="r",
+            decision_id=decision.decision_id,
+            step=10,
+            layer_name="2",
+            action=AdaptationAction.GERMINATE,
+            gate=GATE_PARAMETER_BUDGET,
+            reason="over the training side's budget",
+            policy="bottleneck",
+        )
+    )
+
+    assert controller.state_dict()["committed"] == {}
+    assert controller.counters["failed_on_training_side"] == 1
+
+
 def test_autonomous_loop_publishes_decisions_from_its_thread() -> None:
     bus = InProcessBus()
     commands = bus.subscribe(Topic.CONTROL_KASMINA_COMMANDS, "test", "t")

@@ -308,7 +308,14 @@ def test_a_culled_reward_penalises_the_layer_and_releases_its_parameters() -> No
     assert controller.state_dict()["committed"] == {}
 
 
-def test_an_executor_refusal_releases_the_committed_parameters() -> None:
+@pytest.mark.parametrize(
+    ("gate", "by_id"),
+    [
+        ("compile_failed", False),  # an older producer: matched by layer and step
+        (GATE_PARAMETER_BUDGET, True),  # the training side's own limits (a gate Tamiyo also has)
+    ],
+)
+def test_an_executor_refusal_releases_the_committed_parameters(gate: str, by_id: bool) -> None:
     controller = TamiyoController(
         None,
         BottleneckPolicy(),
@@ -323,40 +330,12 @@ def test_an_executor_refusal_releases_the_committed_parameters() -> None:
     controller.observe(
         DecisionRefusal(
             run_id="r",
+            decision_id=decision.decision_id if by_id else None,
             step=10,
             layer_name="2",
             action=AdaptationAction.GERMINATE,
-            gate="compile_failed",
+            gate=gate,
             reason="x",
-            policy="bottleneck",
-        )
-    )
-
-    assert controller.state_dict()["committed"] == {}
-    assert controller.counters["failed_on_training_side"] == 1
-
-
-def test_a_training_side_budget_refusal_releases_the_committed_parameters() -> None:
-    controller = TamiyoController(
-        None,
-        BottleneckPolicy(),
-        run_id="r",
-        model=_model(),
-        safety=SafetyGates(SafetyConfig(max_parameter_fraction=10.0)),
-    )
-    controller.observe_telemetry(_signals(10, {"2": math.exp(6.0)}))
-    decision = controller.decide(10).decision
-    assert decision is not None
-
-    controller.observe(  # the executor's own limits refused it: a gate name Tamiyo also uses
-        DecisionRefusal(
-            run_id="r",
-            decision_id=decision.decision_id,
-            step=10,
-            layer_name="2",
-            action=AdaptationAction.GERMINATE,
-            gate=GATE_PARAMETER_BUDGET,
-            reason="over the training side's budget",
             policy="bottleneck",
         )
     )

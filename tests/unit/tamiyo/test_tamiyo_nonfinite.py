@@ -36,7 +36,7 @@ from esper.contracts import (
     Topic,
     TrainingProgress,
 )
-from esper.oona import InProcessBus
+from esper.oona import InProcessBus, OonaTelemetrySink
 from esper.tamiyo.controller import CycleResult, TamiyoController, load_policy, model_topology
 from esper.tamiyo.graph import FEATURE_LIMIT, GlobalState, LayerHealthSummary
 from esper.tamiyo.health import HealthCollector
@@ -456,3 +456,41 @@ def test_rewards_stay_finite_and_weights_must_be(value: float) -> None:
     assert math.isfinite(report.total)
     with pytest.raises(ValueError, match="finite"):
         RewardWeights(loss_improvement=value)
+
+
+def test_a_diverged_host_still_publishes_telemetry_and_the_gnn_keeps_deciding(
+    gnn: GrowthPolicy,
+) -> None:
+    """The training side's own messages: a host fed an infinite input measures NaN output means,
+    infinite spreads and gradient norms; the flush stays publishable and the controller copes."""
+    bus = InProcessBus()
+    sink = OonaTelemetrySink(bus, run_id=RUN)
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = esper.wrap(host, seeds_per_layer=2, health_every=1, telemetry_sink=sink)
+    controller = _controller(bus, gnn, model_topology(model, run_id=RUN))
+    decisions = []
+    for step, poison in enumerate([None, math.inf, 1e30, None], start=1):
+        model.step()
+        x = torch.randn(16, 8)
+        if poison is not None:
+            x[0, 0] = poison
+        model(x).sum().backward()
+        signals = model.collect_telemetry()  # never raises: every value is a valid message
+        assert sink.flush(5.0)
+        controller.poll_bus()
+        decisions.append(controller.decide(step).decision is not None)
+        if poison is not None:
+            assert not all(
+                math.isfinite(s.output_mean) and s.output_std < math.inf for s in signals
+            )
+            assert controller.collector.anomalous_layers()  # flagged, not averaged in
+    sink.close()
+
+    assert decisions == [True, True, True, True]
+    assert sink.counters.dropped == 0 and sink.encode_errors == 0
+    assert controller.collector.counters["undecodable"] == 0
+    assert controller.collector.counters["nonfinite_values"] >= 3
+    assert all(
+        math.isfinite(v) for s in controller.collector.summaries().values() for v in s.as_tuple()
+    )

@@ -22,7 +22,13 @@ import pytest
 import redis
 
 from esper.contracts import Envelope, KernelReady, KernelTarget, LayerKind, Topic
-from esper.oona import BackgroundPublisher, BusUnavailableError, make_envelope, open_bus
+from esper.oona import (
+    BackgroundPublisher,
+    BackgroundSubscriber,
+    BusUnavailableError,
+    make_envelope,
+    open_bus,
+)
 from esper.oona.redis_streams import RedisStreamsBus
 from servers import free_port, start_redis_server
 
@@ -230,6 +236,36 @@ def test_a_deleted_stream_gets_its_group_back_on_the_next_poll(
     assert subscription.poll() == []
     bus.publish(Topic.KERNEL_READY, kernel_ready(3))
     assert [d.decode() for d in subscription.poll()] == [kernel_ready(3)]
+
+
+def test_a_background_subscriber_outlives_a_server_error_and_keeps_consuming(
+    bus: RedisStreamsBus, stream_prefix: str, raw_redis: redis.Redis
+) -> None:
+    """Issue 9 item 11: a read that fails with a server error (not an outage) is logged and
+    retried; the subscriber's thread must not die of it and leave everything unconsumed."""
+    key = f"{stream_prefix}:kernel.ready"
+    subscriber = BackgroundSubscriber(
+        bus, Topic.KERNEL_READY, group="g", consumer="c", contract=KernelReady
+    )
+    try:
+        raw_redis.delete(key)
+        raw_redis.set(key, "not a stream")  # XREADGROUP now answers WRONGTYPE
+        deadline = time.monotonic() + 10
+        while subscriber.errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raw_redis.delete(key)  # the next read recreates the group (NOGROUP) and goes on
+        bus.publish(Topic.KERNEL_READY, kernel_ready(7))
+        received: list[tuple[object, KernelReady | None]] = []
+        while not received and time.monotonic() < deadline + 10:
+            received += subscriber.drain()
+            time.sleep(0.02)
+        subscriber.ack([delivery for delivery, _ in received])  # type: ignore[misc]
+    finally:
+        subscriber.close()
+
+    assert subscriber.errors >= 1
+    assert [message for _, message in received] == [kernel_ready(7)]
+    assert raw_redis.xpending(key, "g")["pending"] == 0
 
 
 def test_publishing_survives_redis_stopping_mid_run_and_resumes_after_restart(

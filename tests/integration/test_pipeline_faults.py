@@ -34,6 +34,7 @@ from esper.contracts import (
 )
 from esper.errors import KernelLoadError
 from esper.oona import InProcessBus, OonaTelemetrySink, open_bus
+from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import HttpUrza, ServiceProcess, UrzaArtifactSource, open_library
 from servers import free_port, start_redis_server
@@ -170,6 +171,8 @@ def test_a_refused_artifact_fails_its_job_once_and_the_trainer_hears_at_once(
             optimizer=optimizer,
             compile_worker=True,
             evaluation_steps=5,
+            # roomy: the kernel is refused by the library, not by the run's parameter budget
+            safety=SafetyGates(SafetyConfig(max_parameter_fraction=1000.0)),
         )
         assert executor.worker is not None
         executor.submit(

@@ -10,6 +10,7 @@ refusals (each naming its gate) and the rewards; the model must have grafted a k
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -29,11 +30,20 @@ from esper.contracts import (
     AdaptationAction,
     AdaptationDecision,
     DecisionRefusal,
+    HealthSignal,
+    HealthSignalBatch,
+    LayerKind,
     RewardReport,
+    SeedHealth,
     SeedState,
     Topic,
+    TrainingProgress,
 )
 from esper.oona import MessageBus, OonaTelemetrySink, open_bus
+from esper.oona.redis_streams import RedisStreamsBus
+from esper.tamiyo.baselines import BottleneckPolicy
+from esper.tamiyo.controller import TamiyoController, model_topology
+from esper.tamiyo.controller_loop import CONTROLLER_TOPICS
 from esper.tamiyo.safety import GATE_PARAMETER_BUDGET, GATES, SafetyConfig, SafetyGates
 from esper.tolaria.datasets import load_digits_split
 from esper.tolaria.growth_executor import GrowthExecutor
@@ -113,7 +123,7 @@ def test_controller_process_grows_a_training_run_over_redis(bus_url: str, tmp_pa
         bus=training_bus,
         optimizer=optimizer,
         compile_worker=True,
-        safety=SafetyGates(SafetyConfig(loss_spike_tolerance=0.5)),
+        safety=SafetyGates(SafetyConfig(loss_spike_tolerance=0.5, max_parameter_fraction=2.5)),
         evaluation_steps=30,
         evaluate=evaluate,
         progress_every_steps=10,
@@ -193,3 +203,86 @@ def test_controller_process_grows_a_training_run_over_redis(bus_url: str, tmp_pa
     else:
         assert executor.counters["culled"] >= 1
     assert base == 1210
+
+
+def _health(step: int, layers: tuple[str, ...], **poison: float) -> HealthSignalBatch:
+    seed = SeedHealth(
+        seed_idx=0,
+        state=SeedState.DORMANT,
+        alpha=0.0,
+        contribution_rms=0.0,
+        nonfinite_output=False,
+        error_count=0,
+    )
+    signals = tuple(
+        HealthSignal(
+            layer_name=name,
+            layer_kind=LayerKind.LINEAR,
+            step=step,
+            timestamp=0.0,
+            samples=4,
+            output_mean=0.0,
+            output_std=1.0,
+            dead_fraction=0.0,
+            grad_norm=2.0 if name == layers[-1] else 1.0,
+            seeds=(seed, seed.model_copy(update={"seed_idx": 1})),
+        ).model_copy(update=poison if name == layers[0] else {})
+        for name in layers
+    )
+    return HealthSignalBatch(run_id="bad-messages", step=step, signals=signals)
+
+
+def test_bad_messages_on_redis_are_dropped_alone_and_nothing_stays_pending(
+    bus_url: str, redis_url: str
+) -> None:
+    """Issue 9 items 10 and 11 over real Redis Streams: a NaN statistic crosses the stream and is
+    skipped; a topology that fails observe(), a malformed entry, a foreign payload and an
+    impossible gradient norm are each dropped alone; the valid messages read with them are
+    observed; XPENDING is empty for every group afterwards."""
+    bus = open_bus(bus_url)
+    assert isinstance(bus, RedisStreamsBus)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    run = "bad-messages"
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    topology = model_topology(esper.wrap(host, seeds_per_layer=2), run_id=run)
+    layers = tuple(layer.layer_name for layer in topology.layers)
+    controller = TamiyoController(
+        bus,
+        BottleneckPolicy(),
+        run_id=run,
+        safety=SafetyGates(SafetyConfig(max_parameter_fraction=10.0)),
+    )
+    try:
+        bus.publish(Topic.TELEMETRY_TOPOLOGY, topology.model_copy(update={"edges": ((0, 9),)}))
+        bus.publish(Topic.TELEMETRY_TOPOLOGY, topology)
+        raw.xadd(bus.stream_key(Topic.TELEMETRY_PROGRESS), {"envelope": "{not json"})
+        progress = TrainingProgress(
+            run_id=run, step=30, loss=1.0, base_parameters=212, kernel_parameters=0
+        )
+        bus.publish(Topic.TELEMETRY_PROGRESS, progress)
+        bus.publish(Topic.TELEMETRY_HEALTH, _health(10, layers))
+        bus.publish(Topic.TELEMETRY_HEALTH, _health(15, layers, output_mean=math.nan))
+        bus.publish(Topic.TELEMETRY_HEALTH, progress)  # not a HealthSignalBatch
+        bus.publish(Topic.TELEMETRY_HEALTH, _health(20, layers, grad_norm=-3.0))
+        bus.publish(Topic.TELEMETRY_HEALTH, _health(30, layers))
+        entries = raw.xrange(bus.stream_key(Topic.TELEMETRY_HEALTH))
+        assert '"output_mean":"NaN"' in entries[1][1]["envelope"]  # valid JSON, not null
+
+        controller.poll_bus()
+        result = controller.decide()
+
+        assert controller.ready and controller.latest_step == 30
+        assert controller.counters["rejected"] == 1  # the topology whose edge leaves 0..1
+        assert controller.collector.counters["undecodable"] == 1  # the progress on health
+        assert controller.collector.counters["nonfinite_values"] == 2  # NaN mean, grad -3
+        assert controller.collector.counters["batches"] == 4
+        assert all(math.isfinite(v) for v in controller.collector.summaries()["0"].as_tuple())
+        assert result.decision is not None and result.decision.layer_name == layers[-1]
+        groups = {topic: f"tamiyo-{topic}" for topic in CONTROLLER_TOPICS}
+        groups[Topic.TELEMETRY_HEALTH] = "tamiyo-health"
+        for topic, group in groups.items():
+            assert raw.xpending(bus.stream_key(topic), group)["pending"] == 0, topic
+    finally:
+        bus.close()
+        raw.close()

@@ -1,4 +1,8 @@
-"""Control contracts: what Tamiyo decides, what its safety gates refuse, and how growth is scored."""
+"""Control contracts: what Tamiyo decides, what its safety gates refuse, and how growth is scored.
+
+Every float here is computed by Esper itself (confidences, uncertainties, rewards, timestamps), so
+none may be NaN or infinite: a non-finite value is refused at validation.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import time
 import uuid
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, FiniteFloat
 
 from esper.contracts.base import Contract
 from esper.contracts.bounds import (
@@ -50,7 +54,7 @@ class AdaptationDecision(Contract):
     blueprint: BlueprintSpec | None = None
     policy: Name = Field(description="name of the policy that decided")
     confidence: float = Field(ge=0, le=1)
-    uncertainty: float = Field(ge=0)
+    uncertainty: FiniteFloat = Field(ge=0)
     reason: Text = ""
     created_at: Timestamp = Field(default_factory=time.time)
 
@@ -80,11 +84,11 @@ class RewardReport(Contract):
     decision_id: Name
     layer_name: LayerName
     step: Step
-    components: dict[Name, float] = Field(
+    components: dict[Name, FiniteFloat] = Field(
         max_length=64, description="named reward components, unweighted"
     )
-    weights: dict[Name, float] = Field(max_length=64)
-    total: float
+    weights: dict[Name, FiniteFloat] = Field(max_length=64)
+    total: FiniteFloat
     outcome: AdaptationAction | None = Field(
         default=None, description="what the evaluation led to: FOSSILIZE (kept) or CULL"
     )

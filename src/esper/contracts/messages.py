@@ -7,7 +7,7 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from esper.contracts.base import Contract
 from esper.contracts.bounds import InitSeed, Name, Step, Text, Timestamp
@@ -45,7 +45,13 @@ class Envelope(Contract):
 
     ``payload_type`` names the contract the payload validates against (for example
     ``"HealthSignalBatch"``) so a consumer can decode it without guessing.
+
+    In JSON a non-finite float of the payload (a diverged layer's NaN output mean) is written as
+    the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` — valid JSON that validates back into
+    the same float — instead of ``null``, which would make the whole message undecodable.
     """
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
 
     event_id: str = Field(default_factory=_new_event_id, pattern=r"^[0-9a-f]{32}$")
     topic: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,127}$")

@@ -1,8 +1,16 @@
-"""Telemetry contracts: health signals per layer and per seed, and model/cache statistics."""
+"""Telemetry contracts: health signals per layer and per seed, and model/cache statistics.
+
+Finiteness: the statistics of a health signal are *measurements* of the model (output mean and
+spread, gradient norm, a seed's alpha and contribution). A host or kernel that diverged really
+produces NaN or infinite values there, and the execution layer reports them as they are, so those
+fields accept non-finite values and every consumer must cope (Tamiyo's health collector skips
+them and flags the layer anomalous). Values Esper computes itself (timestamps, latencies) are
+never legitimately non-finite and are refused here.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, FiniteFloat
 
 from esper.contracts.base import Contract
 from esper.contracts.kernels import KernelId, LayerKind
@@ -14,10 +22,12 @@ class SeedHealth(Contract):
 
     seed_idx: int = Field(ge=0)
     state: SeedState
-    alpha: float
+    alpha: float = Field(description="blend weight, as read from the seed (not finite: corrupted)")
     kernel_id: KernelId | None = None
     contribution_rms: float = Field(
-        ge=0, description="root-mean-square of alpha * kernel output over the recorded forwards"
+        ge=0,
+        description="root-mean-square of alpha * kernel output over the recorded forwards "
+        "(infinite when it overflowed)",
     )
     nonfinite_output: bool = Field(
         description="whether any kernel output in the window was NaN or infinite (then quarantined)"
@@ -31,12 +41,14 @@ class HealthSignal(Contract):
     layer_name: str
     layer_kind: LayerKind
     step: int = Field(ge=0)
-    timestamp: float
+    timestamp: FiniteFloat
     samples: int = Field(ge=0, description="forwards whose statistics were recorded")
-    output_mean: float
-    output_std: float = Field(ge=0)
+    output_mean: float = Field(description="mean of the layer's output (NaN/inf: it diverged)")
+    output_std: float = Field(ge=0, description="standard deviation of the output (inf: overflow)")
     dead_fraction: float = Field(ge=0, le=1, description="units never positive in a recorded batch")
-    grad_norm: float | None = Field(default=None, description="L2 norm of the base layer's grads")
+    grad_norm: float | None = Field(
+        default=None, description="L2 norm of the base layer's grads (NaN/inf: they diverged)"
+    )
     seeds: tuple[SeedHealth, ...]
 
 
@@ -64,9 +76,9 @@ class CacheStats(Contract):
     coalesced: int = Field(description="requests that joined a load already in flight")
     evictions: int
     load_failures: int
-    load_latency_ms_mean: float | None = None
-    load_latency_ms_p50: float | None = None
-    load_latency_ms_p99: float | None = None
+    load_latency_ms_mean: FiniteFloat | None = None
+    load_latency_ms_p50: FiniteFloat | None = None
+    load_latency_ms_p99: FiniteFloat | None = None
 
     @property
     def hit_rate(self) -> float:

@@ -58,7 +58,9 @@ class TrainingProgress(Contract):
     step: Step
     total_steps: int | None = Field(default=None, ge=1, le=MAX_STEP)
     loss: float | None = Field(
-        default=None, allow_inf_nan=False, description="mean training loss of recent steps"
+        default=None,
+        description="mean training loss of recent steps (a measurement: a diverged run's is NaN, "
+        "which the controller ignores)",
     )
     base_parameters: ParameterCount
     kernel_parameters: ParameterCount

@@ -3,8 +3,10 @@
 The owner (for instance the training loop, at a step boundary) :meth:`~BackgroundSubscriber.drain`\\ s
 what arrived and :meth:`~BackgroundSubscriber.ack`\\ s what it has taken in; polling, decoding and
 acknowledging happen on the subscriber's thread. Messages a previous consumer of the group read
-but never acknowledged (it crashed) are reclaimed once at start. While the bus is down the thread
-retries; acknowledgements that failed are kept and sent when it is back.
+but never acknowledged (it crashed) are reclaimed once at start. While the bus is down (or a read
+fails with a server error) the thread logs and retries; acknowledgements that failed are kept and
+sent when it is back. Each message is decoded on its own: one that does not decode is logged and
+handed out as ``None``, so the owner acknowledges it with the others.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ class BackgroundSubscriber(Generic[ContractT]):
         self._to_ack: deque[Delivery] = deque()
         self._stop = threading.Event()
         self.errors = 0
-        """Times the bus was unavailable (each retried)."""
+        """Times reading or acknowledging failed (the bus was unavailable, or the server
+        answered an error); each was logged and retried."""
+        self.undecodable = 0
+        """Messages that were not a valid ``contract``; handed out as ``None`` to be acked."""
         self._thread = threading.Thread(target=self._run, name=f"oona-{topic}", daemon=True)
         self._thread.start()
 
@@ -75,14 +80,33 @@ class BackgroundSubscriber(Generic[ContractT]):
                 )
                 self._stop.wait(0.5)
                 continue
+            except Exception:  # e.g. a server error on one read: the thread must not die of it
+                self.errors += 1
+                logger.exception("subscriber %s: reading failed; retrying", self._thread.name)
+                self._stop.wait(0.5)
+                continue
             for delivery in deliveries:
-                try:
-                    message: ContractT | None = delivery.decode(self._contract)
-                except Exception as exc:  # a foreign or malformed message: keep it to ack
-                    logger.warning("subscriber: dropping %s: %s", delivery.message_id, exc)
-                    message = None
-                self._received.append((delivery, message))
-        self._ack_pending()
+                self._received.append((delivery, self._decode(delivery)))
+        try:
+            self._ack_pending()
+        except Exception as exc:  # closing: the group re-delivers what was not acknowledged
+            logger.warning(
+                "subscriber %s: %d acknowledgement(s) not sent at close: %s",
+                self._thread.name,
+                len(self._to_ack),
+                exc,
+            )
+
+    def _decode(self, delivery: Delivery) -> ContractT | None:
+        """The delivery's payload, or ``None`` (logged) when it is not a valid ``contract``."""
+        try:
+            return delivery.decode(self._contract)
+        except Exception as exc:  # a foreign or malformed message: kept so the owner acks it
+            self.undecodable += 1
+            logger.warning(
+                "subscriber %s: dropping %s: %s", self._thread.name, delivery.message_id, exc
+            )
+            return None
 
     def _ack_pending(self) -> None:
         batch = []

@@ -323,5 +323,14 @@ class RedisSubscription:
             )
         if malformed:
             self.malformed_dropped += len(malformed)
-            self._client.xack(self.stream_key, self.group, *malformed)
+            try:
+                self._client.xack(self.stream_key, self.group, *malformed)
+            except (RedisConnectionError, RedisTimeoutError) as exc:  # the valid ones still go out
+                logger.warning(
+                    "could not acknowledge %d malformed entr(ies) of %s (%s); a later "
+                    "claim_stale drops them",
+                    len(malformed),
+                    self.stream_key,
+                    exc,
+                )
         return deliveries

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,11 +51,12 @@ from esper.contracts import (
     TrainingProgress,
 )
 from esper.errors import ConfigurationError
-from esper.oona import BusUnavailableError, MessageBus, Subscription
+from esper.oona import BusUnavailableError, MessageBus
+from esper.tamiyo.controller_loop import ControllerInbox, ControllerThread
 from esper.tamiyo.graph import GlobalState, GraphStructure, graph_structure, trace_edges
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph, PolicyOutput
-from esper.tamiyo.safety import GATES, GateVerdict, Proposal, SafetyGates
+from esper.tamiyo.safety import GATE_LOSS_SPIKE, GATES, GateVerdict, Proposal, SafetyGates
 
 if TYPE_CHECKING:
     from esper.core import MorphableModel
@@ -181,7 +181,7 @@ class TamiyoController:
         )
         self.counters: Counter[str] = Counter()
         """``decisions``, ``refusals``, ``waits``, ``cycles``, ``rewards``, ``publish_errors``,
-        ``cycle_errors``."""
+        ``cycle_errors``, ``undecodable`` / ``rejected`` (bad messages, each dropped alone)."""
         self.adaptations = 0
         """Germinations decided so far."""
         self.last_result: CycleResult | None = None
@@ -196,20 +196,17 @@ class TamiyoController:
         self._reserved: dict[str, tuple[str, int, int]] = {}
         self._kernel_sizes: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._collector_thread = False
-        self._subscriptions: list[Subscription] = []
+        self._loop = ControllerThread(self)
+        self._inbox: ControllerInbox | None = None
         if model is not None:
             self._use_structure(graph_structure(model), _model_targets(model))
             self._base_parameters = sum(p.numel() for p in model.base_parameters())
         elif topology is not None:
             self.observe(topology)
         if bus is not None:
-            self._subscriptions = [
-                bus.subscribe(topic, f"{group}-{topic}", consumer, start="earliest")
-                for topic in _TOPIC_PAYLOADS
-            ]
+            self._inbox = ControllerInbox(
+                bus, self.observe, group=group, consumer=consumer, counters=self.counters
+            )
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -253,11 +250,11 @@ class TamiyoController:
         with self._lock:
             if isinstance(message, ModelTopology):
                 if self.model is None and message != self._topology:
+                    structure = topology_structure(message)  # raises first: nothing half-changed
                     self._topology = message
                     self._base_parameters = message.base_parameters
                     self._use_structure(
-                        topology_structure(message),
-                        {lay.layer_name: lay.target for lay in message.layers},
+                        structure, {lay.layer_name: lay.target for lay in message.layers}
                     )
             elif isinstance(message, TrainingProgress):
                 if self._progress is None or message.step >= self._progress.step:
@@ -282,7 +279,9 @@ class TamiyoController:
             self.safety.record_rollback(report.step, report.layer_name)
 
     def _observe_refusal(self, refusal: DecisionRefusal) -> None:
-        if refusal.gate in GATES or refusal.gate == GATE_MASK:
+        if refusal.gate == GATE_LOSS_SPIKE:
+            return  # a rolled-back graft: its RewardReport releases the commitment
+        if refusal.decision_id is None and (refusal.gate in GATES or refusal.gate == GATE_MASK):
             return  # a gate's refusal (ours): nothing was committed for it
         # The training side could not apply one of our decisions: its parameters never arrive.
         for decision_id, (layer, step, _) in list(self._committed.items()):
@@ -298,22 +297,13 @@ class TamiyoController:
                 break
 
     def poll_bus(self, *, poll_health: bool = True) -> int:
-        """Receive, handle and acknowledge what the training side published; return the count."""
+        """Receive, handle and acknowledge what the training side published; return the count.
+
+        Each message is handled on its own (see :class:`~esper.tamiyo.controller_loop.
+        ControllerInbox`): a bad one is logged, counted and acknowledged alone.
+        """
         handled = self.collector.poll_once() if poll_health else 0
-        for subscription in self._subscriptions:
-            deliveries = subscription.poll(256)
-            for delivery in deliveries:
-                try:
-                    message = delivery.decode(_TOPIC_PAYLOADS[str(delivery.topic)])
-                except Exception as exc:  # a foreign or malformed message: drop, keep going
-                    self.counters["undecodable"] += 1
-                    logger.warning("controller: dropping message %s: %s", delivery.message_id, exc)
-                    continue
-                self.observe(message)
-            if deliveries:
-                subscription.ack(*deliveries)
-            handled += len(deliveries)
-        return handled
+        return handled + (self._inbox.poll() if self._inbox is not None else 0)
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -531,49 +521,16 @@ class TamiyoController:
     def start(self) -> TamiyoController:
         """Run :meth:`run_cycle` every ``cycle_s`` on a daemon thread (and the collector's own
         polling thread when it has a bus) until :meth:`stop`."""
-        if self._thread is None:
-            self._stop.clear()
-            self._collector_thread = self.bus is not None
-            if self._collector_thread:
-                self.collector.start()
-            self._thread = threading.Thread(target=self._run, name="tamiyo-controller", daemon=True)
-            self._thread.start()
+        self._loop.start()
         return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.run_cycle(poll_health=not self._collector_thread)
-            except BusUnavailableError as exc:
-                self.counters["cycle_errors"] += 1
-                logger.warning("controller: bus unavailable (%s); retrying", exc)
-            except Exception:  # the loop must outlive any single bad cycle
-                self.counters["cycle_errors"] += 1
-                logger.exception("controller: cycle failed; continuing")
-            self._stop.wait(max(0.0, self.cycle_s - (time.monotonic() - started)))
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the autonomous loop and the collector's thread (the bus is not closed)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        self.collector.stop(timeout)
+        self._loop.stop(timeout)
 
     def serve(self, *, duration_s: float | None = None) -> None:
         """Run the autonomous loop in the foreground until ``duration_s`` passed or Ctrl-C."""
-        self.start()
-        try:
-            if duration_s is None:
-                while self._thread is not None and self._thread.is_alive():
-                    self._thread.join(0.5)
-            else:
-                self._stop.wait(duration_s)
-        except KeyboardInterrupt:
-            logger.info("controller: interrupted")
-        finally:
-            self.stop()
+        self._loop.serve(duration_s=duration_s)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -620,14 +577,6 @@ class TamiyoController:
             self._progress = TrainingProgress.model_validate(progress) if progress else None
             if state["topology"] is not None and self.model is None:
                 self.observe(ModelTopology.model_validate(state["topology"]))
-
-
-_TOPIC_PAYLOADS: dict[str, type[Contract]] = {
-    TOPOLOGY_TOPIC: ModelTopology,
-    PROGRESS_TOPIC: TrainingProgress,
-    str(Topic.CONTROL_TAMIYO_REWARDS): RewardReport,
-    str(Topic.CONTROL_TAMIYO_REFUSALS): DecisionRefusal,
-}
 
 
 def _model_targets(model: MorphableModel) -> dict[str, KernelTarget]:

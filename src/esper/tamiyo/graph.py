@@ -49,6 +49,11 @@ HEALTH_FEATURES: tuple[str, ...] = NODE_FEATURES[:6]
 KIND_FEATURES: dict[LayerKind, str] = {kind: f"kind_{kind.value}" for kind in LayerKind}
 """One-hot column of :data:`NODE_FEATURES` for each layer kind."""
 
+FEATURE_LIMIT = 1e12
+"""Largest magnitude a dynamic feature may have in a graph: larger values are clipped to it and
+NaN becomes 0, so a policy never sees a non-finite or float32-overflowing input (a policy's
+``symlog`` maps the limit to about 27.6)."""
+
 _COLUMN = {name: i for i, name in enumerate(NODE_FEATURES)}
 _HEALTH_COLUMNS = [_COLUMN[name] for name in HEALTH_FEATURES]
 _FREE = _COLUMN["seeds_free_fraction"]
@@ -267,7 +272,7 @@ class GraphStructure:
         health_rows = [health.get(name, zeros).as_tuple() for name in self.layer_names]
         features = self.static_features.clone()
         if n:
-            features[:, _HEALTH_COLUMNS] = torch.tensor(health_rows, dtype=torch.float32)
+            features[:, _HEALTH_COLUMNS] = _bounded(torch.tensor(health_rows), "health")
             features[:, _FREE] = torch.tensor(free, dtype=torch.float32)
             features[:, _RUNNING] = torch.tensor(running, dtype=torch.float32)
         mask = self.compatible & torch.tensor(has_free, dtype=torch.bool).reshape(n, 1)
@@ -282,9 +287,19 @@ class GraphStructure:
             node_features=features,
             edge_index=self.edge_index,
             germinate_mask=mask,
-            global_features=global_tensor.to(torch.float32),
+            global_features=_bounded(global_tensor, "global"),
             step=step,
         )
+
+
+def _bounded(values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` as float32 within ``±FEATURE_LIMIT``, NaN replaced by 0 (logged: the health
+    collector and the controller never pass such values on, so one arriving here is news)."""
+    values = values.to(torch.float64)  # clip before float32 could overflow to inf
+    if not bool(torch.isfinite(values).all()):
+        logger.warning("layer graph: non-finite %s features replaced (NaN -> 0, inf clipped)", what)
+    bounded = torch.nan_to_num(values, nan=0.0, posinf=FEATURE_LIMIT, neginf=-FEATURE_LIMIT)
+    return bounded.clamp(-FEATURE_LIMIT, FEATURE_LIMIT).to(torch.float32)
 
 
 _STRUCTURE_CACHE: weakref.WeakKeyDictionary[nn.Module, GraphStructure] = weakref.WeakKeyDictionary()

@@ -9,7 +9,14 @@ each message is acknowledged once processed) and keeps, per layer:
 - a bounded window of the raw log gradient norms and log output stds;
 - the z-score of the newest value against the window *before* it (``(x - mean) / max(std,
   min_std)``, 0 until the window holds ``min_window`` values). A layer is **anomalous** when either
-  z-score exceeds ``zscore_threshold`` in magnitude or a seed's kernel produced non-finite output.
+  z-score exceeds ``zscore_threshold`` in magnitude, a seed's kernel produced non-finite output, or
+  the layer itself reported a non-finite statistic.
+
+A non-finite statistic (a diverged layer's NaN output mean, an infinite gradient norm; the
+contract lets these measurements through) or an impossible one (a negative gradient norm) never
+enters an average or a window: it is skipped, counted (``nonfinite_values``) and logged when the
+layer starts reporting such values, and the layer is flagged anomalous instead. Averages, windows
+and z-scores therefore stay finite whatever arrives, and so does every summary a policy sees.
 
 It produces one :class:`~esper.tamiyo.graph.LayerHealthSummary` per layer, anomalous layers first
 (most severe first). Anomalies also raise **alerts** (:meth:`HealthCollector.take_alerts`) that let
@@ -34,6 +41,7 @@ from typing import Any
 from esper.contracts import HealthSignal, HealthSignalBatch, SeedState, Topic
 from esper.errors import ConfigurationError
 from esper.oona import BusUnavailableError, Delivery, GroupStart, MessageBus, Subscription
+from esper.oona.consuming import Acknowledger, handle_each
 from esper.tamiyo.graph import LayerHealthSummary
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,8 @@ class _LayerHealth:
     last_step: int = -1
     last_alert_step: int | None = None
     seed_states: tuple[SeedState, ...] = ()
+    skipped: tuple[str, ...] = ()
+    """Statistics of the newest signal that were not finite (or impossible) and were skipped."""
 
 
 class HealthCollector:
@@ -128,7 +138,8 @@ class HealthCollector:
         self.claim_idle_ms = claim_idle_ms
         self.counters: Counter[str] = Counter()
         """``batches``, ``signals``, ``other_run``, ``stale`` (older than what a layer has seen),
-        ``undecodable``, ``bus_errors``, ``alerts``."""
+        ``undecodable``, ``rejected`` (decoded, but ingesting raised), ``nonfinite_values``
+        (statistics skipped), ``bus_errors``, ``alerts``."""
         self.latest_step: int | None = None
         """Step of the newest batch ingested (``None`` before the first)."""
         self._layers: dict[str, _LayerHealth] = {}
@@ -137,10 +148,12 @@ class HealthCollector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._subscription: Subscription | None = None
+        self._acks: Acknowledger | None = None
         if bus is not None:
             self._subscription = bus.subscribe(
                 Topic.TELEMETRY_HEALTH, group, consumer or f"{group}-0", start=start
             )
+            self._acks = Acknowledger(self._subscription)
         self._claimed = False
 
     # -- consuming -----------------------------------------------------------------------------
@@ -149,13 +162,16 @@ class HealthCollector:
         """Receive, ingest and acknowledge waiting batches; return how many were handled.
 
         The first call also takes over this group's messages left unacknowledged for
-        ``claim_idle_ms`` (a crashed consumer's). A message that is not a valid :class:`HealthSignalBatch` is acknowledged and
-        counted (``undecodable``) so it cannot block the group.
+        ``claim_idle_ms`` (a crashed consumer's). Each message is handled on its own: one that is
+        not a valid :class:`HealthSignalBatch` (``undecodable``) or that cannot be ingested
+        (``rejected``) is logged and acknowledged with the others, so it neither blocks the group
+        nor costs the valid messages of its batch.
 
         Raises:
-            BusUnavailableError: the bus cannot be reached (the background thread retries).
+            BusUnavailableError: the bus cannot be reached (the background thread retries;
+                acknowledgements not sent are kept and sent by the next call).
         """
-        if self._subscription is None:
+        if self._subscription is None or self._acks is None:
             return 0
         deliveries: list[Delivery] = []
         if not self._claimed:
@@ -164,16 +180,13 @@ class HealthCollector:
             )
             self._claimed = True
         deliveries += self._subscription.poll(self.max_batches, block_ms=block_ms)
-        for delivery in deliveries:
-            try:
-                batch = delivery.decode(HealthSignalBatch)
-            except Exception as exc:  # malformed or foreign payload: drop it, keep consuming
-                self.counters["undecodable"] += 1
-                logger.warning("dropping telemetry message %s: %s", delivery.message_id, exc)
-                continue
-            self.ingest(batch)
-        if deliveries:
-            self._subscription.ack(*deliveries)
+        handle_each(
+            deliveries,
+            lambda delivery: self.ingest(delivery.decode(HealthSignalBatch)),
+            consumer=f"health collector {self._subscription.group}",
+            counters=self.counters,
+        )
+        self._acks.ack(deliveries)
         return len(deliveries)
 
     def ingest(self, batch: HealthSignalBatch | Sequence[HealthSignal]) -> None:
@@ -206,20 +219,32 @@ class HealthCollector:
         layer.seed_states = tuple(seed.state for seed in signal.seeds)
         layer.nonfinite = any(seed.nonfinite_output for seed in signal.seeds)
         layer.grad_zscore = layer.std_zscore = 0.0
+        skipped = [  # a seed's alpha or contribution is not averaged, but flags the layer
+            (f"seeds[{seed.seed_idx}].{name}", getattr(seed, name))
+            for seed in signal.seeds
+            for name in ("alpha", "contribution_rms")
+            if not math.isfinite(getattr(seed, name))
+        ]
         if signal.samples > 0:
-            self._smooth(layer, "output_mean", signal.output_mean)
-            self._smooth(layer, "output_std", signal.output_std)
-            self._smooth(layer, "dead_fraction", signal.dead_fraction)
-            log_std = math.log(signal.output_std + _EPS)
-            layer.std_zscore = self._zscore(layer.std_window, log_std)
-            _push(layer.std_window, log_std, self.window)
-        if signal.grad_norm is not None and math.isfinite(signal.grad_norm):
-            log_grad = math.log(signal.grad_norm + _EPS)
+            for name in ("output_mean", "output_std", "dead_fraction"):
+                value = getattr(signal, name)
+                if math.isfinite(value):
+                    self._smooth(layer, name, value)
+                else:
+                    skipped.append((name, value))
+            if math.isfinite(signal.output_std):
+                log_std = math.log(signal.output_std + _EPS)
+                layer.std_zscore = self._zscore(layer.std_window, log_std)
+                _push(layer.std_window, log_std, self.window)
+        grad = signal.grad_norm
+        if grad is not None and math.isfinite(grad) and grad >= 0:
+            log_grad = math.log(grad + _EPS)
             self._smooth(layer, "log_grad_norm", log_grad)
             layer.grad_zscore = self._zscore(layer.grad_window, log_grad)
             _push(layer.grad_window, log_grad, self.window)
-        elif signal.grad_norm is not None:
-            layer.nonfinite = True
+        elif grad is not None:
+            skipped.append(("grad_norm", grad))
+        self._note_skipped(layer, signal, skipped)
         z = max(abs(layer.grad_zscore), abs(layer.std_zscore))
         layer.severity = math.inf if layer.nonfinite else z
         layer.anomalous = layer.nonfinite or z > self.zscore_threshold
@@ -235,6 +260,29 @@ class HealthCollector:
                 layer.std_zscore,
                 layer.nonfinite,
             )
+
+    def _note_skipped(
+        self, layer: _LayerHealth, signal: HealthSignal, skipped: list[tuple[str, float]]
+    ) -> None:
+        """Flag a layer whose signal carried unusable statistics; log when that starts."""
+        if skipped:
+            layer.nonfinite = True
+            self.counters["nonfinite_values"] += len(skipped)
+            if not layer.skipped:
+                logger.warning(
+                    "layer %r reported unusable statistics at step %d (%s); they are skipped and "
+                    "the layer is flagged anomalous",
+                    signal.layer_name,
+                    signal.step,
+                    ", ".join(f"{name}={value}" for name, value in skipped),
+                )
+        elif layer.skipped:
+            logger.info(
+                "layer %r reports usable statistics again at step %d",
+                signal.layer_name,
+                signal.step,
+            )
+        layer.skipped = tuple(name for name, _ in skipped)
 
     def _smooth(self, layer: _LayerHealth, name: str, value: float) -> None:
         previous = layer.ema.get(name)
@@ -373,11 +421,11 @@ class HealthCollector:
             self._alerts = {str(k): _from_json_float(v) for k, v in state["alerts"].items()}
             self._layers = {
                 name: _LayerHealth(
-                    ema={str(k): float(v) for k, v in h["ema"].items()},
-                    grad_window=deque(h["grad_window"], maxlen=None),
-                    std_window=deque(h["std_window"], maxlen=None),
-                    grad_zscore=float(h["grad_zscore"]),
-                    std_zscore=float(h["std_zscore"]),
+                    ema=_finite_values(h["ema"]),  # a checkpoint written before values were
+                    grad_window=deque(_finite(h["grad_window"])),  # checked may hold NaN
+                    std_window=deque(_finite(h["std_window"])),
+                    grad_zscore=_finite_or_zero(h["grad_zscore"]),
+                    std_zscore=_finite_or_zero(h["std_zscore"]),
                     nonfinite=bool(h["nonfinite"]),
                     anomalous=bool(h["anomalous"]),
                     severity=_from_json_float(h["severity"]),
@@ -399,6 +447,18 @@ def _push(window: deque[float], value: float, size: int) -> None:
     window.append(value)
     while len(window) > size:
         window.popleft()
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [float(v) for v in values if math.isfinite(float(v))]
+
+
+def _finite_values(values: dict[str, float]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items() if math.isfinite(float(v))}
+
+
+def _finite_or_zero(value: float) -> float:
+    return float(value) if math.isfinite(float(value)) else 0.0
 
 
 def _json_float(value: float) -> float | str:

@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from esper.contracts import AdaptationAction, RewardReport
 from esper.errors import ConfigurationError
@@ -44,6 +44,9 @@ REWARD_COMPONENTS: tuple[str, ...] = (
 """Names of the reward components, in report order."""
 
 _EPS = 1e-12
+COMPONENT_LIMIT = 1e6
+"""Largest magnitude of a reward component and of a weight: every reward stays a finite number
+(what :class:`~esper.contracts.RewardReport` requires) whatever was measured."""
 
 
 class RewardWeights(BaseModel):
@@ -58,6 +61,15 @@ class RewardWeights(BaseModel):
     memory_cost: float = 0.05
     stability: float = 0.2
     safety: float = 1.0
+
+    @model_validator(mode="after")
+    def _finite_weights(self) -> RewardWeights:
+        bad = {n: w for n, w in self.as_dict().items() if not abs(w) <= COMPONENT_LIMIT}
+        if bad:
+            raise ValueError(
+                f"reward weights must be finite numbers within +-{COMPONENT_LIMIT:g}, got {bad}"
+            )
+        return self
 
     def as_dict(self) -> dict[str, float]:
         """Weights by component name, in :data:`REWARD_COMPONENTS` order."""
@@ -135,6 +147,9 @@ class Reward:
 def reward_components(outcome: AdaptationOutcome) -> dict[str, float]:
     """The seven unweighted components of ``outcome`` (see the module docstring).
 
+    Every component is finite: a non-finite measurement (an accuracy of NaN) counts as not
+    measured (0), and magnitudes are clipped to :data:`COMPONENT_LIMIT`.
+
     Raises:
         ConfigurationError: a loss is not finite or the base model has no parameters.
     """
@@ -166,7 +181,7 @@ def reward_components(outcome: AdaptationOutcome) -> dict[str, float]:
         peak_after = max(outcome.train_losses_after)
         stability = -max(0.0, peak_after / max(peak_before, _EPS) - 1.0)
     safety = -(1.0 if outcome.rolled_back else 0.0) - 0.5 * outcome.faults
-    return {
+    components = {
         "loss_improvement": max(loss_improvement, -10.0),  # a diverged loss: large, finite penalty
         "accuracy_improvement": accuracy_improvement,
         "parameter_efficiency": -outcome.added_parameters / outcome.base_parameters,
@@ -175,6 +190,12 @@ def reward_components(outcome: AdaptationOutcome) -> dict[str, float]:
         "stability": max(stability, -10.0),
         "safety": safety,
     }
+    return {name: _bounded(value) for name, value in components.items()}
+
+
+def _bounded(value: float) -> float:
+    """``value`` clipped to ``±COMPONENT_LIMIT``; NaN (not measured) becomes 0."""
+    return 0.0 if math.isnan(value) else min(COMPONENT_LIMIT, max(-COMPONENT_LIMIT, value))
 
 
 def compute_reward(outcome: AdaptationOutcome, weights: RewardWeights | None = None) -> Reward:

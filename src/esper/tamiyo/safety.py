@@ -6,8 +6,8 @@ through the gates in a fixed order; the first gate that refuses names itself in 
 ======================  ==================================================================
 gate                    refuses when
 ======================  ==================================================================
-``confidence``          the policy's confidence is below ``min_confidence``
-``uncertainty``         the policy's uncertainty is above ``max_uncertainty``
+``confidence``          the policy's confidence is below ``min_confidence`` (or not a finite number)
+``uncertainty``         the policy's uncertainty is above ``max_uncertainty`` (or not finite)
 ``cooldown``            layer L was adapted less than ``cooldown_steps`` ago (longer after a
                         rollback: ``cooldown_steps * rollback_cooldown_factor``)
 ``rate_limit``          ``max_adaptations`` adaptations already happened in the last
@@ -211,6 +211,12 @@ class SafetyGates:
         config = self.config
         if proposal.action is not AdaptationAction.GERMINATE:
             return ALLOWED
+        if not math.isfinite(proposal.confidence):
+            return GateVerdict(GATE_CONFIDENCE, f"confidence {proposal.confidence} is not finite")
+        if not math.isfinite(proposal.uncertainty):
+            return GateVerdict(
+                GATE_UNCERTAINTY, f"uncertainty {proposal.uncertainty} is not finite"
+            )
         if proposal.confidence < config.min_confidence:
             return GateVerdict(
                 GATE_CONFIDENCE,

@@ -18,8 +18,9 @@ A GERMINATE decision goes through the compile pipeline without ever blocking a s
       ``loss_spike``, on control.tamiyo.refusals)
 
 A decision the executor cannot apply is reported as a :class:`~esper.contracts.DecisionRefusal`
-whose ``gate`` says why: ``unknown_layer``, ``seed_unavailable``, ``no_library``,
-``compile_failed``, ``load_failed``, ``kernel_fault``, ``illegal_transition``.
+whose ``gate`` says why: one of the run's limits, checked first (:mod:`~esper.tolaria.
+decision_limits`), or ``seed_unavailable``, ``no_library``, ``compile_failed``, ``load_failed``,
+``kernel_fault``, ``illegal_transition``.
 
 **Deterministic mode** (``graft_delay_steps``): a germination is grafted exactly
 ``graft_delay_steps`` after its decision's step. The training loop passes
@@ -65,7 +66,6 @@ from esper.contracts import (
     Topic,
     TrainingProgress,
 )
-from esper.contracts.bounds import text_within_bounds
 from esper.core import MorphableModel
 from esper.errors import ConfigurationError, EsperError
 from esper.oona import (
@@ -77,6 +77,7 @@ from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, model_topolo
 from esper.tamiyo.reward import AdaptationOutcome, RewardWeights, compute_reward
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyGates
 from esper.tezzeret import TezzeretProcess, TezzeretWorker, find_or_enqueue, library_location
+from esper.tolaria.decision_limits import DecisionGuard, training_refusal
 from esper.urza import ArtifactLibrary
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ class GrowthExecutor:
             ``esper tezzeret worker`` as a child process on the same library (no GIL contention
             with the training thread; needs a library opened from URLs without a password, or
             an Urza service); ``False`` when external workers compile.
-        safety: provides the ``loss_spike`` gate (default thresholds if omitted).
+        safety: provides the ``loss_spike`` gate and the limits every decision is checked against
+            (:class:`~esper.tolaria.decision_limits.DecisionGuard`; default thresholds if omitted).
         evaluation_steps: steps after a seed becomes ACTIVE before it is judged; also the number
             of steps before the graft whose losses form the baseline.
         evaluate: optional validation hook run on the training thread at graft time and at the
@@ -219,6 +221,7 @@ class GrowthExecutor:
         self.run_id = run_id
         self.library = library
         self.safety = safety or SafetyGates()
+        self.decision_limits = DecisionGuard.for_run(model, self.safety.config)
         self.evaluation_steps = evaluation_steps
         self.evaluate = evaluate
         self.reward_weights = reward_weights or RewardWeights()
@@ -391,6 +394,9 @@ class GrowthExecutor:
         self.counters["stall_ms"] += round((time.perf_counter() - started) * 1e3)
 
     def _receive(self, decision: AdaptationDecision, step: int) -> DecisionRefusal | None:
+        limit = self.decision_limits.check(decision, step, self._records.values())
+        if limit is not None:  # the run's own limits, whatever the controller checked
+            return self._refuse(decision, limit.gate, limit.reason)
         if decision.action is AdaptationAction.GERMINATE:
             return self._receive_germination(decision, step)
         return self._apply_direct(decision)
@@ -399,11 +405,8 @@ class GrowthExecutor:
         self, decision: AdaptationDecision, step: int
     ) -> DecisionRefusal | None:
         layer_name = decision.layer_name
-        if layer_name not in self.model.layers:
-            return self._refuse(decision, "unknown_layer", f"the model has no layer {layer_name!r}")
-        if self.library is None or decision.blueprint is None:
-            what = "no Urza library" if self.library is None else "no blueprint in the decision"
-            return self._refuse(decision, "no_library", f"cannot germinate: {what}")
+        if self.library is None or decision.blueprint is None:  # a blueprint: limits checked it
+            return self._refuse(decision, "no_library", "cannot germinate: no Urza library")
         seed_idx = self._free_seed(layer_name, decision.seed_idx)
         if seed_idx is None:
             return self._refuse(
@@ -414,6 +417,7 @@ class GrowthExecutor:
             record.due_step = max(decision.step + self.graft_delay_steps, step + 1)
         target = self.model.layer(layer_name).target()
         record.resolving = self._resolver.submit(self._resolve, decision.blueprint, target)
+        self.decision_limits.record_germination(decision, step)
         self._records[decision.decision_id] = record
         logger.info(
             "germination %s: %s for %r seed %d",
@@ -639,8 +643,6 @@ class GrowthExecutor:
 
     def _apply_direct(self, decision: AdaptationDecision) -> DecisionRefusal | None:
         layer_name, seed_idx = decision.layer_name, decision.seed_idx
-        if layer_name not in self.model.layers:
-            return self._refuse(decision, "unknown_layer", f"the model has no layer {layer_name!r}")
         try:
             if decision.action is AdaptationAction.FOSSILIZE:
                 self.model.fossilize(layer_name, seed_idx=seed_idx)
@@ -660,16 +662,7 @@ class GrowthExecutor:
     def _refuse(self, decision: AdaptationDecision, gate: str, reason: str) -> DecisionRefusal:
         self.counters["refused"] += 1
         logger.warning("cannot apply decision %s: %s (%s)", decision.decision_id[:8], reason, gate)
-        refusal = DecisionRefusal(
-            run_id=self.run_id,
-            decision_id=decision.decision_id,
-            step=decision.step,
-            layer_name=decision.layer_name,
-            action=decision.action,
-            gate=gate,
-            reason=text_within_bounds(reason),  # e.g. a compile job's error: any length
-            policy=decision.policy,
-        )
+        refusal = training_refusal(decision, gate, reason)
         self._publish(Topic.CONTROL_TAMIYO_REFUSALS, refusal)
         return refusal
 
@@ -734,6 +727,7 @@ class GrowthExecutor:
             "submitted": submitted,
             "deferred": [r.model_dump(mode="json") for r in self._deferred],
             "records": [_record_state(r) for r in self._records.values()],
+            "limits": self.decision_limits.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -749,6 +743,7 @@ class GrowthExecutor:
                 AdaptationDecision.model_validate(d) for d in state["submitted"]
             )
         self._deferred = [DecisionRefusal.model_validate(r) for r in state["deferred"]]
+        self.decision_limits.load_state_dict(state.get("limits", {}))
         self._records = {}
         for saved in state["records"]:
             record = _Germination(

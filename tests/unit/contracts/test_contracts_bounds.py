@@ -166,8 +166,8 @@ EXAMPLES: dict[type[Contract], dict[str, Any]] = {
 }
 
 UNBOUNDED_FLOATS = {
-    (AdaptationDecision, "uncertainty"): ("inf",),  # an ensemble's spread; only >= 0 (no NaN)
-    (RewardReport, "total"): ("nan", "inf"),  # the reward of a graft never measured is -inf
+    # a measurement: a diverged run's mean loss is NaN or inf, which the controller ignores
+    (TrainingProgress, "loss"): ("nan", "inf"),
 }
 """Float fields that may legitimately hold the listed non-finite values."""
 

@@ -308,7 +308,14 @@ def test_a_culled_reward_penalises_the_layer_and_releases_its_parameters() -> No
     assert controller.state_dict()["committed"] == {}
 
 
-def test_an_executor_refusal_releases_the_committed_parameters() -> None:
+@pytest.mark.parametrize(
+    ("gate", "by_id"),
+    [
+        ("compile_failed", False),  # an older producer: matched by layer and step
+        (GATE_PARAMETER_BUDGET, True),  # the training side's own limits (a gate Tamiyo also has)
+    ],
+)
+def test_an_executor_refusal_releases_the_committed_parameters(gate: str, by_id: bool) -> None:
     controller = TamiyoController(
         None,
         BottleneckPolicy(),
@@ -323,10 +330,11 @@ def test_an_executor_refusal_releases_the_committed_parameters() -> None:
     controller.observe(
         DecisionRefusal(
             run_id="r",
+            decision_id=decision.decision_id if by_id else None,
             step=10,
             layer_name="2",
             action=AdaptationAction.GERMINATE,
-            gate="compile_failed",
+            gate=gate,
             reason="x",
             policy="bottleneck",
         )

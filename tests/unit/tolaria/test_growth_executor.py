@@ -36,6 +36,8 @@ from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
 from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
 
 MLP_H32 = next(option.spec for option in BLUEPRINT_CATALOG if option.name == "mlp_h32")
+ROOMY = SafetyConfig(max_parameter_fraction=10.0)
+"""Limits that let an mlp_h32 kernel (816 / 676 parameters) onto the 212-parameter test host."""
 
 
 @pytest.fixture
@@ -90,6 +92,7 @@ def _run(
     model = esper.wrap(host, seeds_per_layer=2, kernel_source=source, blend_steps=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     options: dict[str, object] = {"evaluation_steps": 5, "compile_worker": library is not None}
+    options["safety"] = SafetyGates(ROOMY)
     options.update(executor_options)
     executor = GrowthExecutor(
         model, run_id="run-1", library=library, bus=bus, optimizer=optimizer, **options
@@ -236,7 +239,7 @@ def test_steps_never_wait_for_the_compile(library: ArtifactLibrary) -> None:
 
 def test_a_loss_spike_rolls_the_graft_back(library: ArtifactLibrary) -> None:
     bus = InProcessBus()
-    safety = SafetyGates(SafetyConfig(loss_spike_tolerance=0.25))
+    safety = SafetyGates(SafetyConfig(loss_spike_tolerance=0.25, max_parameter_fraction=10.0))
     run = _run(library, bus, safety=safety, measure_step_time=False)
     run.executor.submit(_germinate())
 
@@ -360,16 +363,21 @@ def test_deterministic_mode_grafts_exactly_graft_delay_steps_after_the_decision(
 def test_deterministic_mode_reports_a_failed_compile_at_the_due_step(
     library: ArtifactLibrary,
 ) -> None:
-    run = _run(library, graft_delay_steps=3)
-    depthwise = next(o.spec for o in BLUEPRINT_CATALOG if o.name == "conv_depthwise")
-    run.executor.submit(_germinate(step=0).model_copy(update={"blueprint": depthwise}))
+    run = _run(library, graft_delay_steps=3, compile_worker=False)
+    run.executor.submit(_germinate(step=0))
+    outcomes = [run.step()]  # received: the compile is queued from a background thread
+    deadline = time.monotonic() + 30
+    while (job := library.claim_job("test-worker")) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job is not None
+    library.fail_job(job.job_id, "test-worker", "the compiler ran out of memory")
 
-    outcomes = [run.step() for _ in range(5)]
+    outcomes += [run.step() for _ in range(4)]
     run.executor.close()
 
     refused_at = [(o.step, r.gate) for o in outcomes for r in o.refusals]
-    assert refused_at == [(3, "compile_failed")]  # a conv adapter cannot target a Linear
-    assert "failed" in outcomes[2].refusals[0].reason
+    assert refused_at == [(3, "compile_failed")]  # reported at the due step, not before
+    assert "out of memory" in outcomes[2].refusals[0].reason
     assert run.model.layer("0").seed_states == (SeedState.DORMANT, SeedState.DORMANT)
 
 

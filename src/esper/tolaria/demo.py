@@ -20,6 +20,7 @@ import esper
 from esper.blueprints import create_artifact
 from esper.contracts import BlueprintSpec, CacheStats, LayerStats
 from esper.core import MorphableModel
+from esper.errors import ConfigurationError
 from esper.execution import DirectoryArtifactSource
 from esper.tolaria.datasets import TensorSplit, load_digits_split
 
@@ -115,6 +116,15 @@ def run_demo(
     and requested without blocking; it is grafted at the next step boundary, blends in over one
     epoch, trains with the host and is fossilized at the end.
     """
+    if epochs < 1 or hidden < 1 or batch_size < 1:
+        raise ConfigurationError(
+            f"the demo needs epochs, hidden and batch_size >= 1, got {epochs}, {hidden}, {batch_size}"
+        )
+    if not 1 <= germinate_at_epoch <= epochs:
+        raise ConfigurationError(
+            f"germinate_at_epoch {germinate_at_epoch} is outside the demo's epochs 1..{epochs}; "
+            "germinate at an epoch the demo reaches (esper demo --germinate-at N, N <= --epochs)"
+        )
     started = time.perf_counter()
     data = load_digits_split(seed=seed)
     steps_per_epoch = -(-len(data.x_train) // batch_size)

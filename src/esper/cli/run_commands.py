@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from esper.cli.output import console, print_line, print_warning
@@ -142,28 +143,27 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def runs_table(rows: list[RunListing], *, title: str) -> Table:
-    """The ``esper runs`` table: fits 80 columns (ids and statuses are never broken; the seed
-    summary wraps)."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
-    table.add_column("run", no_wrap=True, overflow="fold")
+    """The ``esper runs`` table, readable at 80 columns: one row per run, its id whole on the
+    first line, then what it trains, its size and its seeds on a dimmed line that wraps."""
+    widest = max((len(row.run_id) for row in rows), default=3)
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, leading=1
+    )
+    table.add_column("run", min_width=min(widest, 48), overflow="fold", ratio=1)
     table.add_column("status", no_wrap=True)
-    table.add_column("task", overflow="fold")
     table.add_column("epoch", justify="right", no_wrap=True)
     table.add_column("test", justify="right", no_wrap=True)
-    table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("seeds", overflow="fold", ratio=1)
     for row in rows:
         score = "-"
         if row.test_score is not None:
             name = SCORE_ABBREVIATIONS.get(row.score_name, row.score_name)
             score = f"{row.test_score:.3f} {name}"
+        params = f"{row.parameters} params" if row.parameters is not None else "params -"
+        details = f"{row.dataset} {row.host}, {params}, seeds: {row.seeds or '-'}"
         table.add_row(
-            row.run_id,
-            row.status,
-            f"{row.dataset} {row.host}",
+            f"{escape(row.run_id)}\n[dim]{escape(details)}[/dim]",
+            escape(row.status),
             f"{row.epoch}/{row.epochs}",
             score,
-            str(row.parameters if row.parameters is not None else "-"),
-            row.seeds or "-",
         )
     return table

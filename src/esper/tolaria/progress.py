@@ -156,13 +156,15 @@ class RichProgress:
         if self.console.is_terminal:
             self._status.plain = text
         elif text:
-            self.console.print(text, highlight=False)
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def on_notice(self, text: str, *, warning: bool = False) -> None:
         """Print a line above the bars (a warning in yellow)."""
         style = "yellow" if warning else "dim"
         prefix = "warning: " if warning else ""
-        self.console.print(f"[{style}]{prefix}{escape(text)}[/{style}]", highlight=False)
+        self.console.print(
+            f"[{style}]{prefix}{escape(text)}[/{style}]", highlight=False, soft_wrap=True
+        )
 
     def on_start(self, *, run_id: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
         """Size the bars (and clear the setup status)."""
@@ -189,7 +191,7 @@ class RichProgress:
         if record.get("type") == "decision":
             self._last.plain = f"last decision: {line}"
         if record.get("type") in ("graft", "reward", "fossilize", "cull"):
-            self.console.print(f"  [green]{line}[/green]", highlight=False)
+            self.console.print(f"  [green]{escape(line)}[/green]", highlight=False, soft_wrap=True)
 
     def on_epoch(self, record: Mapping[str, Any]) -> None:
         """Print the epoch's numbers and advance the epoch bar."""
@@ -201,6 +203,7 @@ class RichProgress:
             f"test loss {record['test_loss']:.4f}  test {score_name} {record['test_score']:.4f}  "
             f"params {record['parameters']}",
             highlight=False,
+            soft_wrap=True,
         )
 
     def on_end(self, *, status: str) -> None:

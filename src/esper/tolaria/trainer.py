@@ -392,12 +392,13 @@ def train(
         if not is_main:
             shutil.rmtree(folder.path.parent, ignore_errors=True)  # the scratch folder
     if interrupted:
+        reached = max(finished_epoch, saved_epoch)  # stopped after the checkpoint, before the rest
         raise RunInterrupted(
             folder,
-            epoch=finished_epoch,
+            epoch=reached,
             step=model.global_step,
             phase="training",
-            checkpointed=finished_epoch > 0 and saved_epoch == finished_epoch,
+            checkpointed=reached > 0 and saved_epoch == reached,
         )
 
     return RunResult(
@@ -447,8 +448,8 @@ def _warm_up(growth: GrowthDriver, model: MorphableModel, observer: RunObserver)
 
     def progress(done: int, total: int) -> None:
         kernels = f"{total} catalog kernel{'s' if total != 1 else ''}"
-        where = "in a Tezzeret worker process" if growth.worker_mode == "process" else ""
-        observer.on_status(f"warm-up: compiling {kernels} {where}… {done}/{total} done".strip())
+        where = " in a Tezzeret worker process" if growth.worker_mode == "process" else ""
+        observer.on_status(f"warm-up: compiling {kernels}{where}… {done}/{total} done")
 
     waited = growth.warm_up(model, on_progress=progress)
     observer.on_status("")

@@ -191,7 +191,7 @@ def test_errors_quote_a_huge_input_only_in_part() -> None:
 
 @pytest.mark.parametrize("run_id", ["..", ".", ".hidden", "-x", "a/b", "a" * 101, "a\nb"])
 def test_a_run_id_must_be_a_plain_folder_name(run_id: str) -> None:
-    with pytest.raises(ConfigurationError, match="run.id: .*a folder name"):
+    with pytest.raises(ConfigurationError, match=r"run\.id: .*a folder name"):
         load_config(overrides=[f"run.id={run_id!r}" if "\n" in run_id else f"run.id={run_id}"])
 
 

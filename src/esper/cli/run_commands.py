@@ -135,6 +135,11 @@ def _runs(args: argparse.Namespace) -> int:
     from esper.tolaria.run_folder import list_runs
 
     rows = list_runs(args.dir)
+    if not rows:
+        print_line(
+            f"no runs in {args.dir} yet (esper train --config configs/digits.yaml makes one)"
+        )
+        return 0
     console.print(runs_table(rows, title=f"runs in {args.dir} ({len(rows)})"))
     problems = [row.problem for row in rows if row.problem]
     for problem in problems:

@@ -202,3 +202,12 @@ def test_a_missing_config_names_the_closest_preset_and_all_of_them() -> None:
     message = str(raised.value)
     assert f"did you mean {CONFIGS / 'digits.yaml'}?" in message
     assert all(str(preset) in message for preset in PRESETS), message
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_a_preset_comment_names_the_compile_worker_the_run_uses(path: Path) -> None:
+    header = " ".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    worker = load_config(path).urza.worker
+
+    if "Tezzeret" in header:
+        assert {"process": "worker process", "thread": "Tezzeret thread"}[worker] in header

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from esper.errors import ConfigurationError
 from esper.tamiyo.observation import GrowthPolicy
 from esper.tolaria.builders import build_data, build_model
 from esper.tolaria.checkpoint import Checkpoint, load_resume_checkpoint
@@ -61,4 +62,28 @@ def prepare_run(config: RunConfig, *, resume: ResumePlan | None = None) -> Prepa
     warnings: list[str] = []
     if resume is not None:
         checkpoint, warnings = load_resume_checkpoint(resume.folder, epoch=resume.epoch)
+    if resume is not None and checkpoint is not None:
+        _check_continuity(config, data, resume, checkpoint)
     return PreparedRun(data, x_val, y_val, policy, checkpoint, warnings)
+
+
+def _check_continuity(
+    config: RunConfig, data: TensorSplit, resume: ResumePlan, checkpoint: Checkpoint
+) -> None:
+    """The checkpoint must fit this config and the run's metrics log (before any file moves)."""
+    steps_per_epoch = -(-len(data.x_train) // config.data.batch_size)
+    if checkpoint.step != checkpoint.epoch * steps_per_epoch:
+        raise ConfigurationError(
+            f"the epoch-{checkpoint.epoch} checkpoint of {resume.folder.path} is at step "
+            f"{checkpoint.step}, but with this config epoch {checkpoint.epoch} ends at step "
+            f"{checkpoint.epoch * steps_per_epoch}: resume without overriding the data or "
+            "data.batch_size"
+        )
+    metrics = resume.folder.metrics_path
+    size = metrics.stat().st_size if metrics.is_file() else 0
+    if size < checkpoint.metrics_position:
+        raise ConfigurationError(
+            f"{metrics} has {size} bytes but the epoch-{checkpoint.epoch} checkpoint expects at "
+            f"least {checkpoint.metrics_position}; the metrics log was edited or replaced. "
+            "Restore it or start a new run."
+        )

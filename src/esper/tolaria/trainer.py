@@ -193,13 +193,6 @@ def train(
 
         wall_before = 0.0
         if checkpoint is not None:
-            if checkpoint.step != checkpoint.epoch * steps_per_epoch:
-                raise ConfigurationError(
-                    f"the epoch-{checkpoint.epoch} checkpoint of {folder.path} is at step "
-                    f"{checkpoint.step}, but with this config epoch {checkpoint.epoch} ends at "
-                    f"step {checkpoint.epoch * steps_per_epoch}: resume without overriding the "
-                    "data or data.batch_size"
-                )
             # a fresh wrap re-grafts the checkpoint's kernels, which re-adds their optimizer groups
             model.load_state_dict(checkpoint.model)
             restore_optimizer(optimizer, checkpoint)

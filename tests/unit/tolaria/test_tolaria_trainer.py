@@ -282,3 +282,15 @@ def test_training_a_completed_run_again_is_refused(tmp_path: Path) -> None:
         train(resume_config(folder), resume=folder)
     extended = train(resume_config(folder, ["train.epochs=2"]), resume=folder)
     assert extended.status == "completed" and extended.epoch == 2
+
+
+def test_a_resume_whose_checkpoint_does_not_fit_the_config_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    folder = _stopped_run(tmp_path)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    with pytest.raises(ConfigurationError, match="resume without overriding the data"):
+        train(resume_config(folder, ["data.batch_size=32"]), resume=folder, resume_epoch=1)
+
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

@@ -57,7 +57,7 @@ def prepare_run(config: RunConfig, *, resume: ResumePlan | None = None) -> Prepa
         urza_dir = config.urza.dir or Path(config.run.dir) / "urza"
         check_writable_folder(urza_dir, setting="urza.dir" if config.urza.dir else "run.dir")
     data, x_val, y_val = build_data(config)
-    build_model(config, data)  # the host and its seeded layers (then thrown away)
+    build_model(config, data).kernel_cache.close()  # the host and its seeded layers, then dropped
     checkpoint: Checkpoint | None = None
     warnings: list[str] = []
     if resume is not None:

@@ -7,18 +7,23 @@ Quick start::
     await model.load_kernel("fc1", seed_idx=0, kernel_artifact_id=kernel_id)
     output = model(inputs)                                # base + alpha * kernel
 
-Importing ``esper`` imports only torch, pydantic and safetensors: optional backends (SQL drivers,
-Redis, boto3, FastAPI, torch_geometric) load when the component that needs them is used, and
-CUDA is never initialised by the import.
+Importing ``esper`` imports only pydantic: torch and safetensors load with the first use of
+``wrap``, ``unwrap``, ``MorphableModel`` or ``KasminaLayer`` (so ``esper --help`` answers at once),
+optional backends (SQL drivers, Redis, boto3, FastAPI, torch_geometric) load when the component
+that needs them is used, and CUDA is never initialised by the import.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
 from esper.contracts import SeedState
-from esper.core import MorphableModel, unwrap, wrap
-from esper.execution import KasminaLayer
+
+if TYPE_CHECKING:
+    from esper.core import MorphableModel, unwrap, wrap
+    from esper.execution import KasminaLayer
 
 __version__ = "0.1.0"
 
@@ -46,3 +51,18 @@ def configure_logging(level: int | str = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._esper_handler = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+
+
+_HOMES = {
+    "MorphableModel": "esper.core",
+    "unwrap": "esper.core",
+    "wrap": "esper.core",
+    "KasminaLayer": "esper.execution",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name that needs torch from its module on first use."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

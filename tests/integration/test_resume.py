@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,3 +150,67 @@ def test_a_run_grown_by_the_shipped_gnn_policy_resumes_exactly(
     decisions = [r for r in _records(root / "full") if r["type"] == "decision"]
     assert decisions and {d["policy"] for d in decisions} == {"gnn"}
     _assert_identical(root / "full", root / "stopped")
+
+
+# -- Ctrl-C (issue 9, item 16): one line, never a traceback, and a run that resumes -------------
+
+
+def _wait_for(path: Path, process: subprocess.Popen[str], *, contains: str = "") -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and contains in path.read_text(errors="replace"):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{path} never appeared (exit status {process.poll()})")
+
+
+def test_ctrl_c_mid_run_prints_one_line_and_the_run_resumes_exactly(uninterrupted: Path) -> None:
+    root = uninterrupted.parent
+    process = _start(root, "ctrl-c")
+    _wait_for(root / "ctrl-c" / "checkpoints" / "epoch-0002" / "state.json", process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    last = output.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"stopped at epoch [2-4], step \d+; resume with: esper train --resume {root / 'ctrl-c'}",
+        last,
+    ), last
+    info = json.loads((root / "ctrl-c" / "run.json").read_text())
+    assert info["status"] == "interrupted"
+
+    _finish(_train("--resume", str(root / "ctrl-c"), cwd=root))
+
+    _assert_identical(uninterrupted, root / "ctrl-c")
+
+
+def test_ctrl_c_during_the_warm_up_leaves_a_marked_run_that_resumes(tmp_path: Path) -> None:
+    # no compile worker: the warm-up waits (up to 300 s) for compiles, so Ctrl-C surely lands there
+    process = _start(tmp_path, "warm", "train.epochs=1", "urza.worker=none")
+    assert process.stdout is not None
+    lines: list[str] = []
+    for line in process.stdout:  # the warm-up says what it waits for before step 1
+        lines.append(line)
+        if line.startswith("warm-up: compiling"):
+            break
+    process.send_signal(signal.SIGINT)
+    output = "".join(lines) + process.stdout.read()
+    process.wait(timeout=120)
+
+    assert process.returncode == 130, output
+    assert re.search(r"^warm-up: compiling \d+ catalog kernels… 0/\d+ done$", output, re.M), output
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1] == (
+        "stopped before training started (during the warm-up); resume with: "
+        f"esper train --resume {tmp_path / 'warm'}"
+    )
+    info = json.loads((tmp_path / "warm" / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["epoch"] == 0
+
+    output = _finish(_train("--resume", str(tmp_path / "warm"), "urza.worker=thread", cwd=tmp_path))
+
+    assert "completed at epoch 1" in output
+    info = json.loads((tmp_path / "warm" / "run.json").read_text())
+    assert info["status"] == "completed" and info["command"].startswith("esper train --config")

@@ -28,16 +28,40 @@ def test_blueprint_submit_and_list_on_the_embedded_library(
     assert code == 0 and "blueprints (1)" in out and "lowrank_adapter" in out
 
 
+def _library(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """An embedded library in ``tmp_path`` (one blueprint submitted); its options."""
+    where = ["--run-dir", str(tmp_path)]
+    code, _ = _run(capsys, "blueprint", "submit", *where, "--family", "lowrank_adapter")
+    assert code == 0
+    return where
+
+
 def test_unknown_kernel_id_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out = _run(capsys, "kernel", "show", "0" * 64, "--run-dir", str(tmp_path))
+    where = _library(tmp_path, capsys)
+    code, out = _run(capsys, "kernel", "show", "0" * 64, *where)
     assert code == 2 and "no such kernel" in out
 
 
 def test_traversal_style_id_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = _run(capsys, "kernel", "show", "../../etc/passwd", "--run-dir", str(tmp_path))
+    where = _library(tmp_path, capsys)
+    code, out = _run(capsys, "kernel", "show", "../../etc/passwd", *where)
     assert code == 2 and "sha256" in out
+
+
+@pytest.mark.parametrize(
+    "command", [["kernel", "show", "0" * 64], ["kernel", "list"], ["blueprint", "list"]]
+)
+def test_reading_commands_never_create_a_library(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    missing = tmp_path / "urza"
+
+    code, out = _run(capsys, *command, "--run-dir", str(missing))
+
+    assert code == 2 and f"there is no Urza library at {missing}" in out
+    assert not missing.exists()
 
 
 def test_unknown_blueprint_family_names_the_known_ones(

@@ -11,6 +11,12 @@ folder and renamed into place (a crash never leaves half a checkpoint):
   (controller, safety gates, executor, graft schedule). Tensors inside the growth state (a
   learned policy's weights) are moved to ``tensors.pt`` and referenced by key.
 
+Loading validates both files before anything is restored (:func:`load_checkpoint`): ``state.json``
+against :class:`CheckpointState` (a non-negative integer ``epoch`` matching the folder's name,
+well-formed RNG states, ...), ``tensors.pt`` for its entries, their types and RNG states that torch
+accepts. A damaged checkpoint raises :class:`DamagedCheckpointError` naming the file;
+:func:`load_resume_checkpoint` then falls back to the latest intact one.
+
 Restoring the optimizer needs care: a fresh ``esper.wrap`` + ``load_state_dict`` re-grafts the
 kernels in model order, and :meth:`~esper.core.MorphableModel.attach_optimizer` adds one parameter
 group per graft in that order, while the original run added them in graft-time order.
@@ -20,18 +26,24 @@ group per graft in that order, while the original run added them in graft-time o
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from esper.core import MorphableModel
-from esper.errors import ConfigurationError
+from esper.errors import ConfigurationError, EsperError
+from esper.tolaria.bounded_input import clip
+from esper.tolaria.run_folder import RunFolder
+
+logger = logging.getLogger(__name__)
 
 SEED_GROUP_KEY = "esper_seed"
 """Parameter-group tag that :meth:`MorphableModel.attach_optimizer` gives each kernel's group."""
@@ -155,35 +167,201 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
     return directory
 
 
+class DamagedCheckpointError(EsperError, ValueError):
+    """A checkpoint file is missing, truncated, not valid, or edited into an impossible state."""
+
+
+_Word = Annotated[StrictInt, Field(ge=0, lt=2**32)]
+"""One 32-bit word of a Mersenne Twister state."""
+
+
+class CheckpointState(BaseModel):
+    """What ``state.json`` must hold (its types and ranges; RNG states are also tried out)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: StrictInt = Field(ge=0)
+    step: StrictInt = Field(ge=0)
+    optimizer_groups: list[str | None]
+    python_rng: tuple[
+        StrictInt, Annotated[list[_Word], Field(min_length=625, max_length=625)], StrictFloat | None
+    ]
+    """``random.getstate()``: version, 624 state words and the position, cached gauss."""
+    numpy_rng: tuple[
+        Literal["MT19937"],
+        Annotated[list[_Word], Field(min_length=624, max_length=624)],
+        Annotated[StrictInt, Field(ge=0, le=624)],
+        Literal[0, 1],
+        StrictFloat | StrictInt,
+    ]
+    """``np.random.get_state()``: name, 624 state words, position, has-gauss flag, cached gauss."""
+    metrics_position: StrictInt = Field(ge=0)
+    growth: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+TENSOR_ENTRIES = ("model", "optimizer", "torch_rng", "data_rng", "growth")
+"""The entries of ``tensors.pt``."""
+
+
 def load_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors with ``weights_only=True``).
+    """Read and validate a checkpoint written by :func:`save_checkpoint` (tensors with
+    ``weights_only=True``: nothing is unpickled).
 
     Raises:
-        ConfigurationError: the folder is missing or incomplete.
+        DamagedCheckpointError: a file is missing, truncated, empty, or holds values no run could
+            have written (the message names the file and what is wrong with it).
     """
     directory = Path(directory)
+    state = _read_state(directory / "state.json")
+    if (expected := _folder_epoch(directory)) is not None and state.epoch != expected:
+        raise DamagedCheckpointError(
+            f"checkpoint {directory / 'state.json'} says epoch {state.epoch} but its folder is "
+            f"epoch {expected}: the file was edited or moved"
+        )
+    tensors = _read_tensors(directory / "tensors.pt")
     try:
-        state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-        tensors = torch.load(directory / "tensors.pt", weights_only=True, map_location="cpu")
-    except FileNotFoundError as exc:
-        raise ConfigurationError(
-            f"checkpoint {directory} is incomplete ({exc.filename} is missing); resume from an "
-            "earlier epoch's checkpoint or start a new run"
+        growth = join_tensors(state.growth, tensors["growth"])
+    except KeyError as exc:
+        raise DamagedCheckpointError(
+            f"checkpoint {directory / 'state.json'} refers to tensor {clip(str(exc))} that "
+            f"{directory / 'tensors.pt'} does not hold"
         ) from None
     return Checkpoint(
-        epoch=int(state["epoch"]),
-        step=int(state["step"]),
+        epoch=state.epoch,
+        step=state.step,
         model=tensors["model"],
         optimizer=tensors["optimizer"],
-        optimizer_groups=list(state["optimizer_groups"]),
+        optimizer_groups=list(state.optimizer_groups),
         torch_rng=tensors["torch_rng"],
         data_rng=tensors["data_rng"],
-        python_rng=state["python_rng"],
-        numpy_rng=state["numpy_rng"],
-        metrics_position=int(state["metrics_position"]),
-        growth=join_tensors(state.get("growth", {}), tensors.get("growth", {})),
-        extra=dict(state.get("extra", {})),
+        python_rng=[state.python_rng[0], list(state.python_rng[1]), state.python_rng[2]],
+        numpy_rng=list(state.numpy_rng),
+        metrics_position=state.metrics_position,
+        growth=growth,
+        extra=dict(state.extra),
     )
+
+
+def _folder_epoch(directory: Path) -> int | None:
+    """The epoch in a checkpoint folder's name (``epoch-0003`` -> 3), if it has one."""
+    digits = directory.name.removeprefix("epoch-")
+    return int(digits) if digits != directory.name and digits.isdigit() else None
+
+
+def _read_state(path: Path) -> CheckpointState:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpointError(f"checkpoint file {path} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problem = "empty" if path.stat().st_size == 0 else f"not JSON ({clip(str(exc))})"
+        raise DamagedCheckpointError(f"checkpoint file {path} is {problem}") from None
+    try:
+        state = CheckpointState.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        raise DamagedCheckpointError(
+            f"checkpoint file {path} is not valid: {clip(where, limit=40)}: "
+            f"{clip(first['msg'], limit=120)}"
+        ) from None
+    try:  # try the RNG states out on private generators: what setstate would refuse later
+        version, internal, gauss = state.python_rng
+        random.Random().setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state.numpy_rng
+        np.random.RandomState().set_state(
+            (name, np.array(keys, dtype=np.uint32), pos, has_gauss, float(cached))
+        )
+    except (TypeError, ValueError) as exc:
+        raise DamagedCheckpointError(
+            f"checkpoint file {path} holds an invalid random-number state ({clip(str(exc))})"
+        ) from None
+    return state
+
+
+def _read_tensors(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DamagedCheckpointError(f"checkpoint file {path} is missing")
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(f"checkpoint file {path} is empty")
+    try:
+        tensors = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # truncated zip, foreign bytes, a refused (non-tensor) object, ...
+        raise DamagedCheckpointError(
+            f"checkpoint file {path} cannot be read (truncated or not a checkpoint: "
+            f"{clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)})"
+        ) from None
+    if not isinstance(tensors, dict) or set(tensors) != set(TENSOR_ENTRIES):
+        found = sorted(map(str, tensors)) if isinstance(tensors, dict) else type(tensors).__name__
+        raise DamagedCheckpointError(
+            f"checkpoint file {path} should hold {', '.join(TENSOR_ENTRIES)}; it holds "
+            f"{clip(str(found))}"
+        )
+    problems = [
+        name
+        for name in ("model", "growth")
+        if not isinstance(tensors[name], dict)
+        or not all(isinstance(v, torch.Tensor) for v in tensors[name].values())
+    ]
+    optimizer = tensors["optimizer"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        problems.append("optimizer")
+    for name in ("torch_rng", "data_rng"):
+        try:
+            torch.Generator().set_state(tensors[name])
+        except (TypeError, RuntimeError, ValueError):
+            problems.append(name)
+    if problems:
+        raise DamagedCheckpointError(
+            f"checkpoint file {path} has malformed entries: {', '.join(problems)}"
+        )
+    return tensors
+
+
+def load_resume_checkpoint(
+    folder: RunFolder, *, epoch: int | None = None
+) -> tuple[Checkpoint | None, list[str]]:
+    """The checkpoint ``--resume`` continues from, and a warning per damaged one skipped.
+
+    Args:
+        folder: the run folder.
+        epoch: the epoch to resume from (``--epoch``); ``None``: the latest intact checkpoint.
+
+    Returns:
+        ``(checkpoint, warnings)``; ``checkpoint`` is ``None`` when the run has no checkpoint
+        (it was stopped before its first epoch ended, and starts over).
+
+    Raises:
+        ConfigurationError: ``epoch`` has no checkpoint.
+        DamagedCheckpointError: ``epoch``'s checkpoint is damaged, or every checkpoint is.
+    """
+    available = folder.checkpoints()
+    if epoch is not None:
+        chosen = [path for found, path in available if found == epoch]
+        if not chosen:
+            epochs = ", ".join(str(found) for found, _ in available) or "none"
+            raise ConfigurationError(
+                f"run {folder.path} has no checkpoint of epoch {epoch} (checkpoints: {epochs})"
+            )
+        return load_checkpoint(chosen[0]), []
+    warnings: list[str] = []
+    for found, path in reversed(available):
+        try:
+            checkpoint = load_checkpoint(path)
+        except DamagedCheckpointError as exc:
+            warnings.append(str(exc))
+            logger.warning("%s", exc)
+            continue
+        if warnings:
+            warnings.append(f"resuming from the latest intact checkpoint instead: epoch {found}")
+        return checkpoint, warnings
+    if warnings:
+        raise DamagedCheckpointError(
+            f"no intact checkpoint in {folder.checkpoints_dir}: {warnings[0]}"
+            + (f" (and {len(warnings) - 1} more damaged)" if len(warnings) > 1 else "")
+        )
+    return None, []
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:

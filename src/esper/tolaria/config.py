@@ -13,14 +13,23 @@ Override values are parsed as YAML (``train.lr=3e-3``, ``host.hidden=[16,16]``,
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from esper.errors import ConfigurationError
+from esper.tolaria.bounded_input import clip, excerpt, load_yaml, read_config_text
+
+MAX_LISTED_PROBLEMS = 10
+"""Problems of an invalid config listed in its error (then a count of the others)."""
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
+"""A run id (and a run name): a folder name that is not hidden, not ``.``/``..``, not an option
+(no leading ``-``), at most 100 characters, of letters, digits, ``_``, ``.`` and ``-``."""
 
 
 class Section(BaseModel):
@@ -32,9 +41,9 @@ class Section(BaseModel):
 class RunSection(Section):
     """Where a run lives and what makes it reproducible."""
 
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(default="run", max_length=60)
     """Prefix of the run id (``<name>-<timestamp>``)."""
-    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: str | None = None
     """Fixed run id (default: generated from ``name`` and the start time)."""
     dir: Path = Path("runs")
     """Folder holding run folders (``<dir>/<run-id>/``)."""
@@ -42,6 +51,16 @@ class RunSection(Section):
     """Seeds model initialisation, data order and the policy."""
     threads: int = Field(default=1, ge=1)
     """``torch.set_num_threads`` for the run (1 keeps runs bit-reproducible and shares CPUs)."""
+
+    @field_validator("name", "id")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(RUN_ID_PATTERN, value):
+            raise ValueError(
+                "a run name or id is a folder name: up to 100 letters, digits, '_', '.' or '-', "
+                "not starting with '.' or '-' (so never '.' or '..')"
+            )
+        return value
 
 
 class DigitsData(Section):
@@ -236,19 +255,17 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise ConfigurationError(
-                f"override {text!r} is not key=value; write e.g. train.epochs=2 or run.dir=/tmp/x"
+                f"override {excerpt(text)} is not key=value; write e.g. train.epochs=2 or "
+                "run.dir=/tmp/x"
             )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigurationError(
-                f"override {text!r}: the value is not valid YAML ({exc})"
-            ) from None
+        value = load_yaml(raw, source=f"override {excerpt(text)}") if raw.strip() else ""
         node = tree
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigurationError(f"override {text!r} conflicts with another override")
+                raise ConfigurationError(
+                    f"override {excerpt(text)} conflicts with another override"
+                )
             node = child
         node[parts[-1]] = value
     return tree
@@ -278,7 +295,10 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> RunC
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe_error(error) for error in exc.errors()]
+        errors = exc.errors()
+        problems = [_describe_error(error) for error in errors[:MAX_LISTED_PROBLEMS]]
+        if len(errors) > MAX_LISTED_PROBLEMS:
+            problems.append(f"… and {len(errors) - MAX_LISTED_PROBLEMS} more")
         raise ConfigurationError(
             f"invalid run config ({source}):\n  " + "\n  ".join(problems)
         ) from None
@@ -295,36 +315,66 @@ def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            text = read_config_text(path)
         except FileNotFoundError:
-            raise ConfigurationError(
-                f"config file {source} does not exist; the presets are in configs/ "
-                "(configs/digits.yaml, configs/mnist1d.yaml, configs/regression.yaml)"
-            ) from None
-        except yaml.YAMLError as exc:
-            raise ConfigurationError(f"config file {source} is not valid YAML: {exc}") from None
+            raise ConfigurationError(missing_config_message(Path(path))) from None
+        loaded = load_yaml(text, source=f"config file {source}")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigurationError(
                 f"config file {source} must be a mapping of sections (run:, data:, host:, …), "
                 f"got a {type(loaded).__name__}"
             )
         data = loaded or {}
+    tree = parse_overrides(overrides)
     if overrides:
-        source += " with overrides " + " ".join(overrides)
-    return config_from_dict(merge(data, parse_overrides(overrides)), source=source)
+        source += " with overrides " + excerpt(" ".join(overrides), limit=200)
+    return config_from_dict(merge(data, tree), source=source)
+
+
+def preset_folders(missing: Path) -> list[Path]:
+    """Where to look for the preset configs: the missing file's folder, ``./configs``, and the
+    ``configs/`` of the source checkout Esper runs from (if it is one)."""
+    checkout = Path(__file__).resolve().parents[3] / "configs"
+    candidates = [missing.parent, Path("configs"), checkout]
+    found: list[Path] = []
+    for folder in candidates:
+        if (
+            folder.is_dir()
+            and any(folder.glob("*.yaml"))
+            and folder.resolve() not in {f.resolve() for f in found}
+        ):
+            found.append(folder)
+    return found
+
+
+def missing_config_message(path: Path) -> str:
+    """The error for a config file that does not exist: the closest preset and all of them."""
+    message = f"config file {path} does not exist"
+    folders = preset_folders(path)
+    if not folders:
+        return message + "; the presets are in the configs/ folder of the Esper repository"
+    presets = sorted(folders[0].glob("*.yaml"))
+    close = difflib.get_close_matches(path.name, [p.name for p in presets], n=1)
+    hint = f"; did you mean {folders[0] / close[0]}?" if close else ";"
+    return f"{message}{hint} The presets: {', '.join(str(p) for p in presets)}"
 
 
 def _describe_error(error: Mapping[str, Any]) -> str:
     loc = tuple(error["loc"])
-    where = ".".join(str(part) for part in _user_path(loc))
+    where = ".".join(clip(str(part), limit=40) for part in _user_path(loc))
     if error["type"] == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        close = difflib.get_close_matches(str(loc[-1])[:100], valid, n=1)
         hint = f" Did you mean {'.'.join([*where.split('.')[:-1], close[0]])!r}?" if close else ""
-        return f"unknown key {where!r}.{hint} Valid keys here: {', '.join(valid)}"
+        return f"unknown key {excerpt(where)}.{hint} Valid keys here: {', '.join(valid)}"
     if error["type"] == "union_tag_invalid":
-        return f"{where}: {error['msg']}"
-    return f"{where or 'config'}: {error['msg']} (got {error.get('input')!r})"
+        context = error.get("ctx", {})
+        return (
+            f"{where}: {excerpt(context.get('tag'))} is not one of the expected values "
+            f"{context.get('expected_tags')}"
+        )
+    message = clip(str(error["msg"]), limit=200)
+    return f"{where or 'config'}: {message} (got {excerpt(error.get('input'))})"
 
 
 _UNION_TAGS = {"data", "host"}

@@ -20,6 +20,7 @@ import esper
 from esper.blueprints import create_artifact
 from esper.contracts import BlueprintSpec, CacheStats, LayerStats
 from esper.core import MorphableModel
+from esper.errors import ConfigurationError
 from esper.execution import DirectoryArtifactSource
 from esper.tolaria.datasets import TensorSplit, load_digits_split
 
@@ -108,13 +109,30 @@ def run_demo(
     seed: int = 0,
     artifact_dir: Path | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    threads: int = 1,
 ) -> DemoResult:
     """Train a 64-``hidden``-10 MLP on digits and grow its first layer at ``germinate_at_epoch``.
 
     The kernel is compiled in process for the layer's shape, written to a local artifact folder,
     and requested without blocking; it is grafted at the next step boundary, blends in over one
-    epoch, trains with the host and is fossilized at the end.
+    epoch, trains with the host and is fossilized at the end. It runs on ``threads`` intra-op
+    threads (``torch.set_num_threads``; 1, like a training run's default: tiny matrices gain
+    nothing from more, and more slow down badly when the cores are shared).
+
+    Raises:
+        ConfigurationError: a size below 1, or a germination epoch outside ``1..epochs``.
     """
+    if epochs < 1 or hidden < 1 or batch_size < 1 or threads < 1:
+        raise ConfigurationError(
+            "the demo needs epochs, hidden, batch_size and threads >= 1, got "
+            f"{epochs}, {hidden}, {batch_size}, {threads}"
+        )
+    if not 1 <= germinate_at_epoch <= epochs:
+        raise ConfigurationError(
+            f"germinate_at_epoch {germinate_at_epoch} is outside the demo's epochs 1..{epochs}; "
+            "germinate at an epoch the demo reaches (esper demo --germinate-at N, N <= --epochs)"
+        )
+    torch.set_num_threads(threads)
     started = time.perf_counter()
     data = load_digits_split(seed=seed)
     steps_per_epoch = -(-len(data.x_train) // batch_size)

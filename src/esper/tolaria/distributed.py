@@ -1,7 +1,7 @@
 """Distributed runs: ``esper train`` under ``torchrun``, one model replica per rank.
 
 Launch with ``esper train --config configs/digits.yaml --nproc 2`` (which re-executes itself
-under ``torch.distributed.run``) or directly::
+under ``torch.distributed.run``, see :mod:`esper.tolaria.launcher`) or directly::
 
     torchrun --nproc_per_node 2 -m esper.cli train --config configs/digits.yaml
 
@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from esper.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +59,3 @@ class RankContext:
         """Leave the process group."""
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``esper <argv>`` on ``nproc`` ranks with ``torch.distributed.run``; its exit code."""
-    if nproc < 1:
-        raise ConfigurationError(f"--nproc must be >= 1, got {nproc}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc_per_node={nproc}", "-m", "esper.cli", *argv]
-    logger.info("launching %d ranks: %s", nproc, " ".join(command))
-    return subprocess.call(command)

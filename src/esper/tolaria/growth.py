@@ -45,13 +45,16 @@ from esper.contracts import (
 )
 from esper.core import MorphableModel
 from esper.core.lockstep import LockstepGrowth
+from esper.errors import ConfigurationError
 from esper.execution.grafted_kernel import GraftedKernel
 from esper.oona import MessageBus, open_bus
+from esper.tamiyo.baselines import BASELINE_NAMES
 from esper.tamiyo.controller import TamiyoController, load_policy
 from esper.tamiyo.health import HealthCollector
-from esper.tamiyo.observation import BLUEPRINT_CATALOG
+from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tezzeret import TezzeretProcess, find_or_enqueue
+from esper.tolaria.bounded_input import excerpt
 from esper.tolaria.compile_worker import CompileMonitor
 from esper.tolaria.config import GrowthSection, RunConfig
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
@@ -71,6 +74,22 @@ def policy_path(policy: str) -> str:
     """``growth.policy`` as :func:`~esper.tamiyo.controller.load_policy` takes it: ``pretrained``
     names the shipped GNN policy; baseline names and file paths pass through."""
     return str(PRETRAINED_POLICY) if policy == "pretrained" else policy
+
+
+def load_run_policy(config: RunConfig) -> GrowthPolicy:
+    """The policy ``growth.policy`` names, loaded (a run checks it before creating anything).
+
+    Raises:
+        ConfigurationError: it is neither a policy name nor a loadable policy file.
+    """
+    policy = config.growth.policy
+    names = [*BASELINE_NAMES, "pretrained"]
+    if policy not in names and not Path(policy).is_file():
+        raise ConfigurationError(
+            f"unknown growth.policy {excerpt(policy)}: use one of {', '.join(names)}, or the "
+            "path of a trained policy file (written by GNNPolicy.save)"
+        )
+    return load_policy(policy_path(policy), seed=config.run.seed)
 
 
 def blueprint_name(spec: BlueprintSpec | None) -> str | None:
@@ -96,6 +115,7 @@ class GrowthDriver:
         bus: where decisions, refusals and rewards are published for observers.
         urza_dir: the embedded library's folder (for a worker process).
         log_dir: where a worker process writes ``tezzeret.log``.
+        policy: the controller's policy (default: loaded from ``growth.policy``).
     """
 
     def __init__(
@@ -107,13 +127,14 @@ class GrowthDriver:
         bus: MessageBus,
         urza_dir: Path | None = None,
         log_dir: Path | None = None,
+        policy: GrowthPolicy | None = None,
     ) -> None:
         self.settings: GrowthSection = config.growth
         self.run_id = run_id
         self.library = library
         self.bus = bus
         self.worker_mode = config.urza.worker
-        self.policy = load_policy(policy_path(self.settings.policy), seed=config.run.seed)
+        self.policy = policy if policy is not None else load_run_policy(config)
         self.total_steps = 0
         self.safety: SafetyGates | None = None
         self.controller: TamiyoController | None = None
@@ -201,13 +222,25 @@ class GrowthDriver:
                         self._queued_jobs.append(request.job.job_id)
         logger.info("queued %d background compiles for %s", len(self._queued_jobs), self.run_id)
 
-    def warm_up(self, model: MorphableModel, *, timeout_s: float = 300.0) -> float:
+    def warm_up(
+        self,
+        model: MorphableModel,
+        *,
+        timeout_s: float = 300.0,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> float:
         """Wait, before step 1, until the compiles queued so far have finished (with
         ``growth.precompile: false``, one warm-up compile is queued for it); return the seconds.
 
         The first compile of a process pays for ``torch.export``'s start-up (and a worker process
         for its own); waiting for it here keeps that out of the training steps: no germination
         then waits at its due boundary for a cold compiler.
+
+        Args:
+            model: the wrapped model.
+            timeout_s: start training anyway after this long.
+            on_progress: called with ``(finished, total)`` compiles whenever the count changes
+                (first with 0 finished).
         """
         if not self._queued_jobs:
             name = model.layer_names[0]
@@ -218,11 +251,17 @@ class GrowthDriver:
                 self._queued_jobs.append(request.job.job_id)
         started = time.perf_counter()
         pending = list(self._queued_jobs)
+        total, reported = len(pending), -1
         while pending and time.perf_counter() - started < timeout_s:
+            if on_progress is not None and total - len(pending) != reported:
+                reported = total - len(pending)
+                on_progress(reported, total)
             done = {CompileJobStatus.SUCCEEDED, CompileJobStatus.FAILED}
             pending = [j for j in pending if self.library.get_job(j).status not in done]
             if pending:
                 time.sleep(0.05)
+        if on_progress is not None:
+            on_progress(total - len(pending), total)
         waited = time.perf_counter() - started
         if pending:
             logger.warning(
@@ -331,7 +370,7 @@ class GrowthDriver:
                 }
             )
         for report in outcome.rewards:
-            events.append(_reward_event(report, outcome.step))
+            events.append(_reward_event(report, outcome.step, self._seed_of(report.decision_id)))
             outcome_name = str(report.outcome) if report.outcome is not None else "cull"
             events.append(
                 {
@@ -413,11 +452,12 @@ def _refusal_event(refusal: DecisionRefusal) -> Event:
     }
 
 
-def _reward_event(report: RewardReport, step: int) -> Event:
+def _reward_event(report: RewardReport, step: int, seed: int | None) -> Event:
     return {
         "type": "reward",
         "step": step,
         "layer": report.layer_name,
+        "seed": seed,
         "decision_id": report.decision_id,
         "total": report.total,
         "components": report.components,
@@ -425,7 +465,13 @@ def _reward_event(report: RewardReport, step: int) -> Event:
     }
 
 
-def build_growth(config: RunConfig, *, run_id: str, log_dir: Path | None = None) -> GrowthDriver:
+def build_growth(
+    config: RunConfig,
+    *,
+    run_id: str,
+    log_dir: Path | None = None,
+    policy: GrowthPolicy | None = None,
+) -> GrowthDriver:
     """The growth components a run config asks for: embedded Urza (``<run.dir>/urza`` unless
     ``urza.dir``/``urza.url`` say otherwise) and the bus at ``growth.bus``."""
     folder: Path | None = None
@@ -442,4 +488,5 @@ def build_growth(config: RunConfig, *, run_id: str, log_dir: Path | None = None)
         bus=bus,
         urza_dir=folder,
         log_dir=log_dir,
+        policy=policy,
     )

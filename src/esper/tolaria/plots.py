@@ -82,8 +82,9 @@ def plot_loss_score(
     _mark_grafts(score_axis, grafts, label=True)
     loss_axis.set(xlabel="step", ylabel="loss", title="loss", yscale="log")
     score_axis.set(xlabel="step", ylabel=score_name, title=f"test {score_name}")
-    loss_axis.legend()
-    score_axis.legend()
+    for axis in (loss_axis, score_axis):
+        if axis.get_legend_handles_labels()[0]:  # a run stopped before its first step has none
+            axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

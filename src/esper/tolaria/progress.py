@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +26,16 @@ from rich.text import Text
 
 class RunObserver(Protocol):
     """Receives the run loop's progress (all calls on the training thread; keep them cheap)."""
+
+    def on_status(self, text: str) -> None:
+        """What the run is doing before training starts (``compiling 4 catalog kernels…``);
+        each call replaces the last, ``""`` clears it."""
+        ...
+
+    def on_notice(self, text: str, *, warning: bool = False) -> None:
+        """A line to keep: the warm-up's result, or a ``warning`` (a damaged checkpoint
+        skipped)."""
+        ...
 
     def on_start(self, *, run_id: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
         """The loop is about to train epochs ``start_epoch + 1 .. epochs``."""
@@ -50,6 +61,12 @@ class RunObserver(Protocol):
 class SilentObserver:
     """An observer that ignores everything (the default of library callers)."""
 
+    def on_status(self, text: str) -> None:
+        """Ignore."""
+
+    def on_notice(self, text: str, *, warning: bool = False) -> None:
+        """Ignore."""
+
     def on_start(self, *, run_id: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
         """Ignore."""
 
@@ -69,7 +86,8 @@ class SilentObserver:
 def describe_event(record: Mapping[str, Any]) -> str:
     """One line for a growth event, e.g. ``step 300 germinate fc1:0 residual_mlp (bottleneck)``."""
     kind = record.get("type", "?")
-    where = f"{record.get('layer', '?')}:{record.get('seed', '?')}"
+    seed = record.get("seed")
+    where = f"{record.get('layer', '?')}:{seed if seed is not None else '?'}"
     step = record.get("step", "?")
     if kind == "decision":
         blueprint = f" {record['blueprint']}" if record.get("blueprint") else ""
@@ -107,8 +125,9 @@ class RichProgress:
         self._step_task = self._progress.add_task("steps", total=1, info="")
         self._seeds = Text("seeds: -")
         self._last = Text("last decision: -")
+        self._status = Text("")
         self._live = Live(
-            Group(self._progress, self._seeds, self._last),
+            Group(self._status, self._progress, self._seeds, self._last),
             console=self.console,
             refresh_per_second=8,
             transient=False,
@@ -131,8 +150,25 @@ class RichProgress:
         if not self.console.is_terminal:  # the final frame ends without a line break there
             self.console.line()
 
+    def on_status(self, text: str) -> None:
+        """Show what the run is doing above the bars (printed as a line when the output is not
+        a terminal, where the live view is drawn only once, at the end)."""
+        if self.console.is_terminal:
+            self._status.plain = text
+        elif text:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def on_notice(self, text: str, *, warning: bool = False) -> None:
+        """Print a line above the bars (a warning in yellow)."""
+        style = "yellow" if warning else "dim"
+        prefix = "warning: " if warning else ""
+        self.console.print(
+            f"[{style}]{prefix}{escape(text)}[/{style}]", highlight=False, soft_wrap=True
+        )
+
     def on_start(self, *, run_id: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
-        """Size the bars."""
+        """Size the bars (and clear the setup status)."""
+        self._status.plain = ""
         self._steps_per_epoch = steps_per_epoch
         self._epoch = start_epoch
         self._progress.update(
@@ -155,7 +191,7 @@ class RichProgress:
         if record.get("type") == "decision":
             self._last.plain = f"last decision: {line}"
         if record.get("type") in ("graft", "reward", "fossilize", "cull"):
-            self.console.print(f"  [green]{line}[/green]", highlight=False)
+            self.console.print(f"  [green]{escape(line)}[/green]", highlight=False, soft_wrap=True)
 
     def on_epoch(self, record: Mapping[str, Any]) -> None:
         """Print the epoch's numbers and advance the epoch bar."""
@@ -167,6 +203,7 @@ class RichProgress:
             f"test loss {record['test_loss']:.4f}  test {score_name} {record['test_score']:.4f}  "
             f"params {record['parameters']}",
             highlight=False,
+            soft_wrap=True,
         )
 
     def on_end(self, *, status: str) -> None:

@@ -140,6 +140,7 @@ def write_report(path: str | Path, *, compare: Sequence[str | Path] = ()) -> Pat
         The path of ``report.md``.
     """
     folder = RunFolder.open(path)
+    others = [RunFolder.open(other) for other in compare]  # all checked before writing anything
     records = list(read_metrics(folder.metrics_path)) if folder.metrics_path.exists() else []
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -191,8 +192,8 @@ def write_report(path: str | Path, *, compare: Sequence[str | Path] = ()) -> Pat
         f"| **final** | **{summary.final_parameters}** | **{_fmt(summary.final_test_score)}** | "
         f"{_fmt(summary.final_test_loss)} |"
     )
-    for other_path in compare:
-        other = summarize(RunFolder.open(other_path))
+    for other_folder in others:
+        other = summarize(other_folder)
         lines.append(
             f"| {other.run_id} ({other.policy or 'static'}) | {other.final_parameters} | "
             f"{_fmt(other.final_test_score)} | {_fmt(other.final_test_loss)} |"

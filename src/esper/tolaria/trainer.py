@@ -41,27 +41,23 @@ from typing import Any
 
 import torch
 
-import esper
 from esper.contracts import SeedState
 from esper.core import MorphableModel
 from esper.core.lockstep import LockstepGrowth, broadcast_json
-from esper.tolaria.checkpoint import (
-    capture,
-    load_checkpoint,
-    restore_optimizer,
-    restore_rng,
-    save_checkpoint,
-)
-from esper.tolaria.config import RunConfig, TrainSection, load_config
-from esper.tolaria.datasets import TensorSplit, hold_out_validation, load_dataset
+from esper.errors import ConfigurationError
+from esper.tolaria.bounded_input import clip
+from esper.tolaria.builders import build_model, build_optimizer
+from esper.tolaria.checkpoint import capture, restore_optimizer, restore_rng, save_checkpoint
+from esper.tolaria.config import RunConfig
 from esper.tolaria.distributed import RankContext
 from esper.tolaria.evaluation import evaluate, score_name, task_loss
 from esper.tolaria.growth import GrowthDriver, build_growth
-from esper.tolaria.hosts import build_host
 from esper.tolaria.metrics import MetricsLog
+from esper.tolaria.preflight import PreparedRun, prepare_run
 from esper.tolaria.progress import RunObserver, SilentObserver
 from esper.tolaria.report import summarize, write_report
-from esper.tolaria.run_folder import RunFolder, new_run_id
+from esper.tolaria.resume import ResumePlan, RunInterrupted, plan_resume
+from esper.tolaria.run_folder import RunFolder, new_run_id, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -82,59 +78,7 @@ class RunResult:
     """False on ranks other than 0 of a distributed run (their folder was a scratch one)."""
 
 
-# -- builders: config -> objects -----------------------------------------------------------------
-
-
-def build_data(config: RunConfig) -> tuple[TensorSplit, torch.Tensor, torch.Tensor]:
-    """The run's dataset, with ``data.validation_fraction`` of the training examples held out
-    (returned as ``(split, x_val, y_val)``) for the growth executor's evaluations."""
-    options = config.data.model_dump(exclude={"name", "batch_size", "validation_fraction"})
-    split = load_dataset(config.data.name, seed=config.run.seed, **options)
-    return hold_out_validation(split, config.data.validation_fraction, seed=config.run.seed)
-
-
-def build_model(config: RunConfig, data: TensorSplit, **wrap_options: Any) -> MorphableModel:
-    """The host for ``data``, initialised from ``run.seed`` and wrapped with dormant seeds."""
-    torch.manual_seed(config.run.seed)
-    host = build_host(
-        config.host.kind,
-        in_features=data.num_features,
-        out_features=data.num_outputs,
-        input_shape=data.input_shape,
-        options=config.host.model_dump(exclude={"kind"}),
-    )
-    seeds = config.seeds
-    targets = seeds.target if seeds.target is not None else _default_targets(config)
-    return esper.wrap(
-        host,
-        target_layers=targets,
-        seeds_per_layer=seeds.per_layer,
-        blend_steps=seeds.blend_steps,
-        health_every=seeds.health_every,
-        **wrap_options,
-    )
-
-
-def _default_targets(config: RunConfig) -> list[type[torch.nn.Module]]:
-    if config.host.kind == "cnn":
-        return [torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear]
-    return [torch.nn.Linear]
-
-
-def build_optimizer(train: TrainSection, model: MorphableModel) -> torch.optim.Optimizer:
-    """The optimizer over the host's parameters; grafted kernels join it as their own groups."""
-    params = list(model.parameters())
-    optimizer: torch.optim.Optimizer
-    if train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
-        )
-    elif train.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
-    model.attach_optimizer(optimizer, lr=train.kernel_lr or train.lr)
-    return optimizer
+# -- model state, as the loop reports it ---------------------------------------------------------
 
 
 def seed_counts(model: MorphableModel) -> dict[str, int]:
@@ -171,15 +115,20 @@ def train(
     config: RunConfig,
     *,
     resume: str | Path | None = None,
+    resume_epoch: int | None = None,
     observer: RunObserver | None = None,
     stop_after_epoch: int | None = None,
     command: str | None = None,
 ) -> RunResult:
     """Train a run from ``config`` (or continue the run folder ``resume``) and write its report.
 
+    The config is checked whole before anything is created (:func:`prepare_run`).
+
     Args:
         config: the run config (for ``resume``, the folder's saved config, possibly overridden).
-        resume: a run folder to continue from its latest checkpoint.
+        resume: a run folder to continue from its latest intact checkpoint.
+        resume_epoch: continue ``resume`` from this epoch's checkpoint instead (later ones are
+            renamed ``epoch-<k>.superseded``).
         observer: receives progress (the CLI's rich view); silent by default.
         stop_after_epoch: stop (status ``interrupted``) after this epoch's checkpoint, as if the
             run had been killed there; ``--resume`` continues it.
@@ -187,7 +136,14 @@ def train(
 
     Returns:
         The run's folder, final numbers and the trained model.
+
+    Raises:
+        ConfigurationError: the config cannot run, or ``resume`` is complete already.
+        DamagedCheckpointError: ``resume`` has no intact checkpoint to continue from.
+        RunInterrupted: Ctrl-C; the run recorded where it stopped and ``--resume`` continues it.
     """
+    if stop_after_epoch is not None and stop_after_epoch < 1:
+        raise ConfigurationError(f"stop_after_epoch must be >= 1, got {stop_after_epoch}")
     observer = observer or SilentObserver()
     torch.set_num_threads(config.run.threads)
     started = time.perf_counter()
@@ -196,22 +152,29 @@ def train(
     if not is_main:
         observer = SilentObserver()  # rank 0 reports progress
 
-    # -- run folder, data, model, optimizer ---------------------------------------------------
-    resumed_from = RunFolder.open(resume) if resume is not None else None
+    # -- preflight: the whole config is checked before anything is created --------------------
+    plan = plan_resume(resume, config=config, epoch=resume_epoch) if resume is not None else None
+    if plan is not None and plan.completed:
+        raise ConfigurationError(plan.message)
+    prepared = prepare_run(config, resume=plan)
+    for warning in prepared.warnings:
+        observer.on_notice(warning, warning=True)
+
+    # -- run folder, growth, model, optimizer ---------------------------------------------------
     if is_main:
-        folder = resumed_from or RunFolder.create(
-            config.run.dir, config.run.id or new_run_id(config.run.name)
-        )
-        if resumed_from is None:
-            folder.config_path.write_text(config.to_yaml())
+        folder = _open_run_folder(config, plan, prepared, command=command)
     run_id = broadcast_json(folder.run_id if is_main else None) if ranks else folder.run_id
     if not is_main:  # only rank 0 writes the run folder; the others keep a scratch one
         folder = RunFolder.create(tempfile.mkdtemp(prefix="esper-rank-"), run_id)
+    checkpoint = prepared.checkpoint
+    start_epoch = checkpoint.epoch if checkpoint is not None else 0
     growth: GrowthDriver | None = None
-    if config.growth.enabled:  # first: a compile worker process starts up meanwhile
-        growth = build_growth(config, run_id=run_id, log_dir=folder.path)
     try:
-        data, x_val, y_val = build_data(config)
+        if config.growth.enabled:  # first: a compile worker process starts up meanwhile
+            growth = build_growth(
+                config, run_id=run_id, log_dir=folder.path, policy=prepared.policy
+            )
+        data, x_val, y_val = prepared.data, prepared.x_val, prepared.y_val
         regression = data.is_regression
         batch_size = config.data.batch_size
         steps_per_epoch = -(-len(data.x_train) // batch_size)
@@ -228,11 +191,8 @@ def train(
         data_order = torch.Generator().manual_seed(config.run.seed)
         metrics = MetricsLog(folder.metrics_path)
 
-        start_epoch = 0
         wall_before = 0.0
-        if resumed_from is not None and (checkpoints := resumed_from.checkpoints()):
-            epoch, path = checkpoints[-1]
-            checkpoint = load_checkpoint(path)
+        if checkpoint is not None:
             # a fresh wrap re-grafts the checkpoint's kernels, which re-adds their optimizer groups
             model.load_state_dict(checkpoint.model)
             restore_optimizer(optimizer, checkpoint)
@@ -240,18 +200,24 @@ def train(
             if growth is not None:
                 growth.load_state_dict(checkpoint.growth)
             metrics.truncate(checkpoint.metrics_position)
-            start_epoch = checkpoint.epoch
             wall_before = float(checkpoint.extra.get("wall_seconds", 0.0))
-            logger.info("resumed %s from epoch %d (step %d)", folder.run_id, epoch, checkpoint.step)
-        elif resume is not None:
+            logger.info("resumed %s from epoch %d (step %d)", run_id, start_epoch, checkpoint.step)
+        elif plan is not None:
             metrics.truncate(0)  # interrupted before its first checkpoint: start over
         if growth is not None and config.growth.warm_start:
-            folder.write_info(warm_up_seconds=growth.warm_up(model))  # before step 1: no stall
+            warm_up = _warm_up(growth, model, observer)  # before step 1: no stall
+            folder.write_info(warm_up_seconds=warm_up)
         lockstep = LockstepGrowth(model) if ranks else None
         trained: torch.nn.Module = lockstep.ddp() if lockstep else model
-    except BaseException:  # setup failed: stop the compile worker it may have started
+    except BaseException as exc:  # setup failed: stop the compile worker it may have started
         if growth is not None:
             growth.close()
+        if isinstance(exc, KeyboardInterrupt):
+            folder.write_info(status="interrupted", epoch=start_epoch)
+            raise RunInterrupted(
+                folder, epoch=start_epoch, step=0, phase="setup", checkpointed=start_epoch > 0
+            ) from None
+        folder.write_info(status="failed", error=clip(str(exc) or type(exc).__name__, limit=300))
         raise
 
     layer_seeds = {name: model.layer(name).num_seeds for name in model.layer_names}
@@ -267,8 +233,6 @@ def train(
         epoch=start_epoch,
         initial_parameters=initial_parameters,
         layer_seeds=layer_seeds,
-        command=command or shlex.join(["esper", *sys.argv[1:]]),
-        started_at=folder.read_info().get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     if start_epoch == 0:
         test_loss, test_score = evaluate(model, data.x_test, data.y_test, regression=regression)
@@ -283,7 +247,9 @@ def train(
         start_epoch=start_epoch,
     )
     status = "failed"
-    epoch = start_epoch
+    interrupted = False
+    epoch = finished_epoch = start_epoch
+    saved_epoch = start_epoch  # the last epoch with a checkpoint (0: none)
     test_loss = test_score = float("nan")
     states = seed_snapshot(model)
     parameters = parameter_count(model)
@@ -379,6 +345,7 @@ def train(
                     extra={"wall_seconds": wall},
                 )
                 save_checkpoint(folder.checkpoint_dir(epoch), checkpoint)
+                saved_epoch = epoch
             metrics.flush()
             folder.write_info(
                 epoch=epoch,
@@ -389,6 +356,7 @@ def train(
                 wall_seconds=wall,
             )
             observer.on_epoch(record)
+            finished_epoch = epoch
             if stop_after_epoch is not None and epoch >= stop_after_epoch < config.train.epochs:
                 status = "interrupted"
                 break
@@ -400,14 +368,14 @@ def train(
             )
     except KeyboardInterrupt:
         status = "interrupted"
-        raise
+        interrupted = True
     finally:
         metrics.flush()
+        folder.write_info(status=status, wall_seconds=wall_before + time.perf_counter() - started)
         if growth is not None:
             folder.write_info(growth_counters=growth.counters())
             growth.close()
         model.kernel_cache.close()
-        folder.write_info(status=status, wall_seconds=wall_before + time.perf_counter() - started)
         observer.on_end(status=status)
         if status != "failed" and is_main:
             write_report(folder.path)
@@ -416,6 +384,15 @@ def train(
             ranks.close()
         if not is_main:
             shutil.rmtree(folder.path.parent, ignore_errors=True)  # the scratch folder
+    if interrupted:
+        reached = max(finished_epoch, saved_epoch)  # stopped after the checkpoint, before the rest
+        raise RunInterrupted(
+            folder,
+            epoch=reached,
+            step=model.global_step,
+            phase="training",
+            checkpointed=reached > 0 and saved_epoch == reached,
+        )
 
     return RunResult(
         folder=folder,
@@ -430,9 +407,47 @@ def train(
     )
 
 
-def resume_config(folder: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The saved config of a run folder with ``overrides`` applied (for ``--resume``)."""
-    return load_config(RunFolder.open(folder).config_path, overrides=overrides)
+def _open_run_folder(
+    config: RunConfig, plan: ResumePlan | None, prepared: PreparedRun, *, command: str | None
+) -> RunFolder:
+    """The run's folder: a new one with its ``config.yaml``, or the resumed one, whose checkpoints
+    after the one it continues from are set aside (damaged, or superseded by ``--epoch``)."""
+    command = command or shlex.join(["esper", *sys.argv[1:]])
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if plan is None:
+        folder = RunFolder.create(config.run.dir, config.run.id or new_run_id(config.run.name))
+        write_text_atomic(folder.config_path, config.to_yaml())
+        folder.write_info(run_id=folder.run_id, status="starting", command=command, started_at=now)
+        return folder
+    folder = plan.folder
+    resumed = prepared.checkpoint.epoch if prepared.checkpoint is not None else 0
+    reason = "superseded" if plan.epoch is not None else "damaged"
+    for epoch, path in folder.checkpoints():
+        if epoch > resumed:
+            logger.warning("%s set aside as %s", path, folder.set_aside(path, reason).name)
+    info = folder.read_info()
+    folder.write_info(
+        status="starting",
+        command=info.get("command") or command,  # the command that started the run
+        started_at=info.get("started_at") or now,
+        error=None,
+        resumes=[*info.get("resumes", []), {"command": command, "at": now, "epoch": resumed}],
+    )
+    return folder
+
+
+def _warm_up(growth: GrowthDriver, model: MorphableModel, observer: RunObserver) -> float:
+    """Wait for the queued compiles before step 1, telling the observer; the seconds waited."""
+
+    def progress(done: int, total: int) -> None:
+        kernels = f"{total} catalog kernel{'s' if total != 1 else ''}"
+        where = " in a Tezzeret worker process" if growth.worker_mode == "process" else ""
+        observer.on_status(f"warm-up: compiling {kernels}{where}… {done}/{total} done")
+
+    waited = growth.warm_up(model, on_progress=progress)
+    observer.on_status("")
+    observer.on_notice(f"warm-up: the catalog kernels were ready after {waited:.1f} s")
+    return waited
 
 
 def result_summary(result: RunResult) -> Mapping[str, Any]:

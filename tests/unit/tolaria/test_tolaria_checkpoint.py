@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,16 @@ from esper.core import MorphableModel
 from esper.errors import ConfigurationError
 from esper.execution import InMemoryArtifactSource
 from esper.tolaria.checkpoint import (
+    DamagedCheckpointError,
     capture,
     load_checkpoint,
+    load_resume_checkpoint,
     optimizer_group_tags,
     restore_optimizer,
     restore_rng,
     save_checkpoint,
 )
+from esper.tolaria.run_folder import RunFolder
 
 SPEC = BlueprintSpec(family="residual_mlp", params={"hidden": 8, "activation": "relu"})
 
@@ -188,7 +192,7 @@ def test_files_are_tensors_for_weights_only_and_json(tmp_path: Path) -> None:
 def test_an_incomplete_checkpoint_is_reported(tmp_path: Path) -> None:
     (tmp_path / "ckpt").mkdir()
 
-    with pytest.raises(ConfigurationError, match="incomplete"):
+    with pytest.raises(DamagedCheckpointError, match=r"state\.json is missing"):
         load_checkpoint(tmp_path / "ckpt")
 
 
@@ -215,3 +219,158 @@ def test_tensors_in_the_growth_state_go_to_the_tensor_file(tmp_path: Path) -> No
     assert torch.equal(restored["policy"]["w"], torch.arange(3.0))
     assert torch.equal(restored["steps"][1]["t"], torch.ones(2))
     assert (restored["steps"][0], restored["n"]) == (1, 4)
+
+
+# -- damaged checkpoints (issue 9, item 13) ------------------------------------------------------
+
+
+def _saved(directory: Path, epoch: int = 3) -> Path:
+    model, optimizer = _fresh(InMemoryArtifactSource())
+    return save_checkpoint(
+        directory,
+        capture(
+            epoch=epoch,
+            step=10 * epoch,
+            model=model,
+            optimizer=optimizer,
+            data_generator=torch.Generator(),
+            metrics_position=0,
+            growth={"policy": {"w": torch.ones(2)}},
+        ),
+    )
+
+
+def _edit_state(key: str, value: object) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        path = directory / "state.json"
+        state = json.loads(path.read_text())
+        if value is _DELETE:
+            del state[key]
+        else:
+            state[key] = value
+        path.write_text(json.dumps(state))
+
+    return edit
+
+
+_DELETE = object()
+
+
+def _truncate(name: str, keep: float) -> Callable[[Path], None]:
+    def cut(directory: Path) -> None:
+        data = (directory / name).read_bytes()
+        (directory / name).write_bytes(data[: int(len(data) * keep)])
+
+    return cut
+
+
+def _python_rng_edit(directory: Path) -> None:
+    path = directory / "state.json"
+    state = json.loads(path.read_text())
+    state["python_rng"][1] = state["python_rng"][1][:100]  # 100 of 625 words
+    path.write_text(json.dumps(state))
+
+
+def _numpy_rng_edit(directory: Path) -> None:
+    path = directory / "state.json"
+    state = json.loads(path.read_text())
+    state["numpy_rng"][2] = 9000  # position past the 624 words
+    path.write_text(json.dumps(state))
+
+
+def _growth_ref_edit(directory: Path) -> None:
+    path = directory / "state.json"
+    state = json.loads(path.read_text())
+    state["growth"]["policy"]["w"] = {"__tensor__": "7"}  # no such tensor
+    path.write_text(json.dumps(state))
+
+
+def _foreign_tensors(directory: Path) -> None:
+    torch.save({"model": {}}, directory / "tensors.pt")
+
+
+def _bad_rng_tensor(directory: Path) -> None:
+    tensors = torch.load(directory / "tensors.pt", weights_only=True)
+    tensors["torch_rng"] = torch.zeros(7, dtype=torch.uint8)
+    torch.save(tensors, directory / "tensors.pt")
+
+
+DAMAGES: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    "empty tensors.pt": (_truncate("tensors.pt", 0.0), "tensors.pt", "is empty"),
+    "truncated tensors.pt": (_truncate("tensors.pt", 0.5), "tensors.pt", "cannot be read"),
+    "tensors.pt of something else": (_foreign_tensors, "tensors.pt", "should hold"),
+    "a torch RNG state of 7 bytes": (_bad_rng_tensor, "tensors.pt", "torch_rng"),
+    "empty state.json": (_truncate("state.json", 0.0), "state.json", "is empty"),
+    "truncated state.json": (_truncate("state.json", 0.5), "state.json", "not JSON"),
+    "no epoch": (_edit_state("epoch", _DELETE), "state.json", "epoch"),
+    "epoch 'three'": (_edit_state("epoch", "three"), "state.json", "epoch"),
+    "epoch 3.5": (_edit_state("epoch", 3.5), "state.json", "epoch"),
+    "epoch true": (_edit_state("epoch", True), "state.json", "epoch"),
+    "epoch -5": (_edit_state("epoch", -5), "state.json", "epoch"),
+    "epoch of another folder": (_edit_state("epoch", 4), "state.json", "folder is epoch 3"),
+    "step -1": (_edit_state("step", -1), "state.json", "step"),
+    "a Python RNG state of 100 words": (_python_rng_edit, "state.json", "python_rng"),
+    "a NumPy RNG position past the state": (_numpy_rng_edit, "state.json", "numpy_rng"),
+    "a growth tensor that is not there": (_growth_ref_edit, "state.json", "does not hold"),
+    "an unknown entry": (_edit_state("surprise", 1), "state.json", "surprise"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=str)
+def test_a_damaged_checkpoint_is_one_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    edit, file_name, problem = DAMAGES[damage]
+    directory = _saved(tmp_path / "epoch-0003")
+    edit(directory)
+
+    with pytest.raises(DamagedCheckpointError) as raised:
+        load_checkpoint(directory)
+
+    message = str(raised.value)
+    assert str(directory / file_name) in message and problem in message, message
+    assert "\n" not in message and len(message) < 500
+
+
+def _run_with_checkpoints(root: Path, epochs: list[int]) -> RunFolder:
+    folder = RunFolder(root / "run")
+    folder.path.mkdir()
+    (folder.path / "config.yaml").write_text("{}\n")
+    for epoch in epochs:
+        _saved(folder.checkpoint_dir(epoch), epoch=epoch)
+    return folder
+
+
+def test_resume_falls_back_to_the_latest_intact_checkpoint_with_a_warning(tmp_path: Path) -> None:
+    folder = _run_with_checkpoints(tmp_path, [1, 2, 3])
+    (folder.checkpoint_dir(3) / "tensors.pt").write_bytes(b"")
+    (folder.checkpoint_dir(2) / "state.json").write_text('{"epoch": -5}')
+
+    checkpoint, warnings = load_resume_checkpoint(folder)
+
+    assert checkpoint is not None and checkpoint.epoch == 1
+    assert str(folder.checkpoint_dir(3) / "tensors.pt") in warnings[0]
+    assert str(folder.checkpoint_dir(2) / "state.json") in warnings[1]
+    assert warnings[-1].endswith("epoch 1")
+
+
+def test_resume_with_every_checkpoint_damaged_is_an_error(tmp_path: Path) -> None:
+    folder = _run_with_checkpoints(tmp_path, [1, 2])
+    for epoch in (1, 2):
+        (folder.checkpoint_dir(epoch) / "state.json").unlink()
+
+    with pytest.raises(DamagedCheckpointError, match="no intact checkpoint"):
+        load_resume_checkpoint(folder)
+
+
+def test_resume_from_a_chosen_epoch(tmp_path: Path) -> None:
+    folder = _run_with_checkpoints(tmp_path, [1, 2, 3])
+
+    checkpoint, warnings = load_resume_checkpoint(folder, epoch=2)
+
+    assert checkpoint is not None and checkpoint.epoch == 2 and warnings == []
+    with pytest.raises(
+        ConfigurationError, match=r"no checkpoint of epoch 7 \(checkpoints: 1, 2, 3\)"
+    ):
+        load_resume_checkpoint(folder, epoch=7)
+    (folder.checkpoint_dir(2) / "tensors.pt").write_bytes(b"junk")
+    with pytest.raises(DamagedCheckpointError, match="epoch-0002"):  # asked for: no fallback
+        load_resume_checkpoint(folder, epoch=2)

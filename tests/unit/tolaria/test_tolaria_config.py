@@ -121,3 +121,93 @@ def test_the_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     path.write_text(config.to_yaml())
 
     assert load_config(path) == config
+
+
+# -- bad files and bounded input (issue 9, items 14, 15 and 19) ----------------------------------
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    """A "billion laughs" document: ``width ** levels`` values from a few hundred bytes."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "run:\n  name: bomb\nbomb:\n" + "\n".join("  " + line for line in lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    bomb = _alias_bomb(levels=6, width=6)  # 46656 values from 300 bytes
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+
+    with pytest.raises(ConfigurationError, match="more than 10000 values") as raised:
+        load_config(path)
+
+    assert len(bomb) < 400 and len(str(raised.value)) < 400
+
+
+def test_an_alias_bomb_in_an_override_is_refused() -> None:
+    value = "[" + ", ".join(["&a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"] + ["*a"] * 9) + "]"
+    nested = "[" + ", ".join([f"&b {value}"] + ["*b"] * 100) + "]"
+
+    with pytest.raises(ConfigurationError, match="more than 10000 values"):
+        load_config(overrides=[f"host.hidden={nested}"])
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("host: &h\n  kind: mlp\n  hidden: [*h]\n")
+
+    with pytest.raises(ConfigurationError, match="recursive alias"):
+        load_config(path)
+
+
+def test_a_config_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("run:\n  name: big\n" + "# padding\n" * 10_000)
+
+    with pytest.raises(ConfigurationError, match="larger than 64 KiB"):
+        load_config(path)
+
+
+def test_a_folder_or_a_non_utf8_file_is_a_one_line_error(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+
+    with pytest.raises(ConfigurationError, match="is a folder, not a file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigurationError, match="not UTF-8 text") as raised:
+        load_config(latin1)
+    assert "\n" not in str(raised.value)
+
+
+def test_errors_quote_a_huge_input_only_in_part() -> None:
+    huge = "x" * 1_000_000
+
+    for override in (f"run.name={huge}", f"host.activation={huge}", f"data.name={huge}"):
+        with pytest.raises(ConfigurationError) as raised:
+            load_config(overrides=[override])
+        assert len(str(raised.value)) < 1000, override
+
+
+@pytest.mark.parametrize("run_id", ["..", ".", ".hidden", "-x", "a/b", "a" * 101, "a\nb"])
+def test_a_run_id_must_be_a_plain_folder_name(run_id: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"run\.id: .*a folder name"):
+        load_config(overrides=[f"run.id={run_id!r}" if "\n" in run_id else f"run.id={run_id}"])
+
+
+def test_a_missing_config_names_the_closest_preset_and_all_of_them() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        load_config(CONFIGS / "digitz.yaml")
+
+    message = str(raised.value)
+    assert f"did you mean {CONFIGS / 'digits.yaml'}?" in message
+    assert all(str(preset) in message for preset in PRESETS), message
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_a_preset_comment_names_the_compile_worker_the_run_uses(path: Path) -> None:
+    header = " ".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    worker = load_config(path).urza.worker
+
+    if "Tezzeret" in header:
+        assert {"process": "worker process", "thread": "Tezzeret thread"}[worker] in header

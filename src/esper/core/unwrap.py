@@ -134,7 +134,9 @@ def frozen_kernels(
         root.add_module(f"kernel_{i}", kernel)
         root.register_buffer(f"alpha_{i}", alpha)
         k = graph.call_module(f"kernel_{i}", (u,))
-        y = graph.call_function(torch.addcmul, (y, k, graph.get_attr(f"alpha_{i}")))
+        dtype = graph.call_function(getattr, (y, "dtype"))
+        scale = graph.call_method("to", (graph.get_attr(f"alpha_{i}"), dtype))
+        y = graph.call_function(torch.addcmul, (y, k, scale))
     if returns_tuple:
         extras = graph.call_function(operator.getitem, (output, slice(1, None)))
         y = graph.call_function(operator.add, ((y,), extras))

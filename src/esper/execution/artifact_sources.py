@@ -16,8 +16,10 @@ from typing import Protocol
 
 from esper.blueprints import sha256_hex
 from esper.errors import ConfigurationError, KernelNotFoundError
+from esper.execution.arguments import shown
 
-_KERNEL_ID = re.compile(r"^[0-9a-f]{64}$")
+_KERNEL_ID = re.compile(r"[0-9a-f]{64}")
+"""A kernel id, matched with ``fullmatch`` (``$`` would accept a trailing newline)."""
 ARTIFACT_SUFFIX = ".safetensors"
 
 
@@ -31,9 +33,9 @@ class ArtifactSource(Protocol):
 
 def check_kernel_id(kernel_id: str) -> str:
     """Return ``kernel_id`` if it is a sha256 hex digest, else raise :class:`ConfigurationError`."""
-    if not isinstance(kernel_id, str) or not _KERNEL_ID.match(kernel_id):
+    if not isinstance(kernel_id, str) or not _KERNEL_ID.fullmatch(kernel_id):
         raise ConfigurationError(
-            f"invalid kernel id {kernel_id!r}: expected the 64-character lowercase sha256 hex "
+            f"invalid kernel id {shown(kernel_id)}: expected the 64-character lowercase sha256 hex "
             "digest of a kernel artifact"
         )
     return kernel_id

@@ -259,7 +259,7 @@ class KasminaLayer(nn.Module):
                     health[:2].add_(
                         torch.stack([contribution_sq, torch.ones_like(contribution_sq)])
                     )
-                y = torch.addcmul(y, k, scale)
+                y = torch.addcmul(y, k, scale.to(y.dtype))  # CUDA autocast would promote
             except Exception as exc:  # a faulty kernel must never take training down
                 self._on_kernel_fault(seed_idx, exc)
         return y

@@ -115,7 +115,7 @@ def _snapshot(optimizer: torch.optim.Optimizer) -> tuple[list[Any], list[int]]:
 @pytest.mark.parametrize("through", ["model", "optimizer"])
 def test_a_checkpoint_whose_kernels_have_other_shapes_fails_loudly(through: str) -> None:
     source = InMemoryArtifactSource()
-    model, optimizer = _grow(source)
+    _model, optimizer = _grow(source)
     saved = _round_trip({"optimizer": optimizer.state_dict()})["optimizer"]
     other_source = InMemoryArtifactSource()
     wider = BlueprintSpec(family="residual_mlp", params={"hidden": 12, "activation": "relu"})
@@ -148,7 +148,7 @@ def test_bad_optimizer_arguments_are_refused() -> None:
 
     with pytest.raises(ConfigurationError, match="already attached"):
         model.attach_optimizer(optimizer)
-    with pytest.raises(ArgumentTypeError, match="torch.optim.Optimizer"):
+    with pytest.raises(ArgumentTypeError, match=r"torch\.optim\.Optimizer"):
         model.attach_optimizer(42)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="group options may not set"):
         model.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), params=[])

@@ -225,20 +225,14 @@ class MorphableModel(nn.Module):
                 boundary (``None``: every finished load). Lockstep training uses it so that all
                 ranks graft at the same step.
         """
-        if graftable is not None:
-            if not isinstance(graftable, Mapping):
-                raise ArgumentTypeError(
-                    f"graftable must map layer names to seed indices, got {shown(graftable)}"
-                )
-            for name, seeds in graftable.items():
-                self.layer(name)
-                if not isinstance(seeds, Collection):
-                    raise ArgumentTypeError(
-                        f"graftable[{name!r}] must be a collection of seed indices, got "
-                        f"{shown(seeds)}"
-                    )
-                for seed_idx in seeds:
-                    self.layer(name)._seed(seed_idx)
+        if graftable is not None and not isinstance(graftable, Mapping):
+            raise ArgumentTypeError(f"graftable must map layer names to seeds: {shown(graftable)}")
+        for name, seeds in (graftable or {}).items():  # all checked before any layer advances
+            layer = self.layer(name)
+            if not isinstance(seeds, Collection):
+                raise ArgumentTypeError(f"graftable[{name!r}] must list seeds: {shown(seeds)}")
+            for seed_idx in seeds:
+                layer._seed(seed_idx)
         self._step += 1
         self.morph_step.fill_(self._step)
         for layer in self._unique_layers():
@@ -298,9 +292,7 @@ class MorphableModel(nn.Module):
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``optimizer.state_dict()``, whose kernel groups carry their ``esper_seed`` tags: save
         it next to ``model.state_dict()`` and restore it with :meth:`load_optimizer_state_dict`."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ArgumentTypeError(f"expected a torch.optim.Optimizer, got {shown(optimizer)}")
-        return optimizer.state_dict()
+        return optimizer_state.check_optimizer(optimizer).state_dict()
 
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
@@ -312,8 +304,6 @@ class MorphableModel(nn.Module):
         Raises:
             ConfigurationError: the groups or shapes do not match; the optimizer is unchanged.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ArgumentTypeError(f"expected a torch.optim.Optimizer, got {shown(optimizer)}")
         optimizer_state.load_optimizer_state_dict(optimizer, state_dict)
 
     def base_parameters(self) -> Iterator[nn.Parameter]:

@@ -40,17 +40,23 @@ def optimizer_group_tags(optimizer: torch.optim.Optimizer) -> list[str | None]:
     return [group.get(SEED_GROUP_KEY) for group in optimizer.param_groups]
 
 
+def check_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    """``optimizer`` if it is a ``torch.optim.Optimizer``, else :class:`ArgumentTypeError`."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ArgumentTypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {shown(optimizer)} "
+            f"({type(optimizer).__name__})"
+        )
+    return optimizer
+
+
 def kernel_group_listeners(
     optimizer: torch.optim.Optimizer, group_options: Mapping[str, Any]
 ) -> tuple[KernelListener, KernelListener]:
     """``(on_graft, on_removal)``: add a tagged group per grafted kernel (with
     ``group_options`` such as ``lr``), remove it with its state when the kernel leaves; also make
     ``optimizer.load_state_dict`` match groups by tag (see the module docstring)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ArgumentTypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {shown(optimizer)} "
-            f"({type(optimizer).__name__})"
-        )
+    check_optimizer(optimizer)
     reserved = {"params", SEED_GROUP_KEY} & set(group_options)
     if reserved:
         raise ConfigurationError(
@@ -98,6 +104,7 @@ def load_optimizer_state_dict(
         ConfigurationError: the optimizer's groups are not the checkpoint's, or a saved state
             tensor does not fit its parameter; the optimizer is unchanged.
     """
+    check_optimizer(optimizer)
     prepare_optimizer_for_state(optimizer, state_dict, group_tags=group_tags)
     optimizer.load_state_dict(dict(state_dict))
 

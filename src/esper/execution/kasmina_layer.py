@@ -247,7 +247,8 @@ class KasminaLayer(nn.Module):
                 k = kernel(
                     _FiniteGradient.apply(kernel_in) if kernel_in.requires_grad else kernel_in
                 )
-                k_sum = k.detach().sum(dtype=_SUM_DTYPES.get(k.dtype))
+                wide = _SUM_DTYPES.get(k.dtype)  # sum(dtype=None) costs a microsecond more
+                k_sum = k.detach().sum() if wide is None else k.detach().sum(dtype=wide)
                 output_sum.add_(k_sum)  # stays finite iff every output in the window was
                 # Non-finite output contributes exactly zero without a host read: nan_to_num makes
                 # every element finite, and the scale drops to zero because k_sum - k_sum is 0
@@ -259,7 +260,9 @@ class KasminaLayer(nn.Module):
                     health[:2].add_(
                         torch.stack([contribution_sq, torch.ones_like(contribution_sq)])
                     )
-                y = torch.addcmul(y, k, scale.to(y.dtype))  # CUDA autocast would promote
+                if scale.dtype != y.dtype:  # a float32 scale would promote under CUDA autocast
+                    scale = scale.to(y.dtype)
+                y = torch.addcmul(y, k, scale)
             except Exception as exc:  # a faulty kernel must never take training down
                 self._on_kernel_fault(seed_idx, exc)
         return y

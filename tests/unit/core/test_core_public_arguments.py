@@ -320,3 +320,38 @@ def test_a_failed_call_leaves_the_model_working(
     assert not torch.equal(model(x), expected)
     assert list(model.layer("0").seeds.keys()) == []
     assert not any(".seeds.True" in key for key in model.state_dict())
+
+
+# -- kernel cache and artifact sources ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_bytes": "1GB"}, ArgumentTypeError),
+        ({"max_bytes": 0}, ConfigurationError),
+        ({"max_entries": 2.5}, ArgumentTypeError),
+        ({"max_workers": 0}, ConfigurationError),
+        ({"max_workers": True}, ArgumentTypeError),
+        ({"source": "artifacts/"}, ArgumentTypeError),
+    ],
+    ids=repr,
+)
+def test_kernel_cache_settings_are_checked(
+    kwargs: dict[str, object], error: type[Exception]
+) -> None:
+    from esper.execution import KernelCache
+
+    with pytest.raises(error):
+        KernelCache(**kwargs)  # type: ignore[arg-type]
+
+
+def test_artifact_sources_refuse_what_is_not_bytes_or_a_path(tmp_path: object) -> None:
+    from esper.execution import DirectoryArtifactSource
+
+    with pytest.raises(ArgumentTypeError, match="must be bytes"):
+        InMemoryArtifactSource().add("not bytes")  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match="folder path"):
+        DirectoryArtifactSource(42)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match="must be bytes"):
+        DirectoryArtifactSource(str(tmp_path)).add([1, 2])  # type: ignore[arg-type]

@@ -74,8 +74,6 @@ sum of ordinary activations overflows."""
 _MAX_RETRY_STEP = 2**62
 """Retry steps are clamped here: the backoff doubles per fault, the device keeps an int64."""
 
-__all__ = ["KasminaLayer", "SeedEvents", "has_hooks"]
-
 
 class _FiniteGradient(torch.autograd.Function):
     """Identity in forward; in backward, non-finite gradient entries become zero.

@@ -222,7 +222,8 @@ _LOAD_WITHOUT_ESPER = textwrap.dedent(
     model = torch.load(f"{folder}/model.pt", weights_only=False).eval()
     data = torch.load(f"{folder}/data.pt", weights_only=True)
     with torch.no_grad():
-        assert torch.equal(model(data["x"]), data["expected"]), "outputs differ"
+        # another process may pick other CPU kernels (thread count): equal up to rounding
+        assert torch.allclose(model(data["x"]), data["expected"], atol=1e-6), "outputs differ"
     model.load_state_dict(torch.load(f"{folder}/state.pt", weights_only=True))
     assert not any(type(m).__module__.startswith("esper") for m in model.modules())
     assert not any(name.startswith("esper") for name in sys.modules)

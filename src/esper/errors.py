@@ -16,6 +16,10 @@ class ConfigurationError(EsperError, ValueError):
     """A user-supplied setting or argument is invalid (wrong type, out of range, inconsistent)."""
 
 
+class ArgumentTypeError(ConfigurationError, TypeError):
+    """An argument has the wrong type (e.g. ``seeds_per_layer="3"``); nothing was changed."""
+
+
 class UnknownLayerError(EsperError, LookupError):
     """A layer name does not name a wrapped layer of the model."""
 
@@ -50,3 +54,8 @@ class KernelLoadError(EsperError):
 
 class KernelShapeMismatchError(EsperError, ValueError):
     """A kernel was built for a different layer shape than the seed it was loaded into."""
+
+
+class StateDictError(EsperError, ValueError):
+    """A state dict does not describe a valid morphed model (a seed's state, spec or kernel
+    tensors are malformed or do not fit its layer); nothing was loaded."""

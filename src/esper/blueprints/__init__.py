@@ -16,6 +16,7 @@ from esper.blueprints.artifact import (
 )
 from esper.blueprints.registry import (
     BlueprintFamily,
+    build_empty_kernel,
     build_kernel,
     check_compatible,
     family_names,
@@ -30,6 +31,7 @@ from esper.blueprints.registry import (
 __all__ = [
     "BlueprintFamily",
     "KernelArtifact",
+    "build_empty_kernel",
     "build_kernel",
     "check_compatible",
     "create_artifact",

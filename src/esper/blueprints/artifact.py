@@ -6,7 +6,11 @@ target geometry, init seed and dtype. The artifact's id is the sha256 of its byt
 blueprint, target and seed always give the same id, and every load re-derives and checks it.
 
 Loading interprets the spec with the builders that ship in :mod:`esper.blueprints` and reads the
-weights with safetensors: nothing in an artifact is ever unpickled or executed.
+weights with safetensors: nothing in an artifact is ever unpickled or executed. Before any weight
+is read, the header's tensor table is checked against the blueprint built on the meta device:
+the same tensor names, each with the blueprint's dtype and shape and a byte range of exactly that
+size inside the payload. An artifact whose spec does not describe its bytes (a mixed dtype, an
+edited ``hidden`` width) is refused without allocating anything.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -30,6 +35,19 @@ FORMAT_NAME = "esper.kernel"
 FORMAT_VERSION = 1
 _METADATA_KEY = "esper.kernel"
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+"""The safetensors header's name for each dtype a kernel tensor may have."""
 
 
 @dataclass(frozen=True)
@@ -114,26 +132,75 @@ def _read_esper_header(header: dict[str, Any]) -> tuple[BlueprintSpec, KernelTar
             )
         spec = BlueprintSpec.model_validate(esper_header["blueprint"])
         target = KernelTarget.model_validate(esper_header["target"])
-        init_seed = int(esper_header["init_seed"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, ValidationError) as exc:
+        init_seed = esper_header["init_seed"]
+        if not isinstance(init_seed, int) or isinstance(init_seed, bool):
+            raise ArtifactFormatError(f"artifact init_seed {init_seed!r} is not an integer")
+    except (KeyError, TypeError, ValueError, RecursionError, ValidationError) as exc:
         if isinstance(exc, ArtifactFormatError):
             raise
         raise ArtifactFormatError(f"kernel artifact header is malformed: {exc}") from None
     return spec, target, init_seed
 
 
+def _check_tensor_table(
+    header: dict[str, Any], payload_bytes: int, spec: BlueprintSpec, target: KernelTarget
+) -> int:
+    """Check the header's tensors against the blueprint (built on the meta device: no memory);
+    returns their element count.
+
+    Raises:
+        ArtifactFormatError: a tensor is missing, extra, of another dtype or shape than the
+            blueprint's, or its byte range does not fit the payload.
+    """
+    try:
+        expected = build_empty_kernel(spec, target).state_dict()
+    except BlueprintError as exc:
+        raise ArtifactFormatError(f"kernel artifact's blueprint cannot be built: {exc}") from None
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    if set(tensors) != set(expected):
+        raise ArtifactFormatError(
+            f"kernel artifact holds tensors {sorted(tensors)} but blueprint {spec.family!r} for "
+            f"{target.describe()} has {sorted(expected)}"
+        )
+    count = 0
+    for name, reference in expected.items():
+        info = tensors[name]
+        dtype = _SAFETENSORS_DTYPES.get(reference.dtype, "?")
+        shape = list(reference.shape)
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != shape:
+            found = (info.get("dtype"), info.get("shape")) if isinstance(info, dict) else info
+            raise ArtifactFormatError(
+                f"kernel artifact tensor {name!r} is {found!r} but blueprint {spec.family!r} for "
+                f"{target.describe()} needs ({dtype!r}, {shape}); the artifact is corrupt or its "
+                "spec was edited"
+            )
+        nbytes = reference.numel() * reference.element_size()
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= payload_bytes
+            and offsets[1] - offsets[0] == nbytes
+        ):
+            raise ArtifactFormatError(
+                f"kernel artifact tensor {name!r} has data offsets {offsets!r}, not a range of "
+                f"{nbytes} bytes inside its {payload_bytes}-byte payload"
+            )
+        count += reference.numel()
+    return count
+
+
 def describe_artifact(data: bytes) -> KernelMetadata:
-    """Metadata of artifact bytes (id, spec, target, sizes) without building the module."""
+    """Metadata of artifact bytes (id, spec, target, sizes) without reading the weights.
+
+    Raises:
+        ArtifactFormatError: the bytes are not a well-formed artifact, or their tensors are not
+            exactly those of the blueprint their header names (names, dtypes, shapes, sizes).
+    """
     header, payload = _split_header(data)
     spec, target, init_seed = _read_esper_header(header)
-    parameter_count = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for dim in info.get("shape", []):
-            count *= int(dim)
-        parameter_count += count
+    parameter_count = _check_tensor_table(header, len(payload), spec, target)
     return KernelMetadata(
         kernel_id=sha256_hex(data),
         blueprint=spec,
@@ -169,11 +236,8 @@ def decode_artifact(data: bytes, expected_id: str | None = None) -> KernelArtifa
     """
     if expected_id is not None:
         verify_digest(data, expected_id)
-    metadata = describe_artifact(data)
-    try:
-        module = build_empty_kernel(metadata.blueprint, metadata.target)
-    except BlueprintError as exc:
-        raise ArtifactFormatError(f"kernel artifact's blueprint cannot be built: {exc}") from None
+    metadata = describe_artifact(data)  # the tensor table already matches the blueprint
+    module = build_empty_kernel(metadata.blueprint, metadata.target)
     try:
         tensors = load_safetensors(data)
         module.load_state_dict(tensors, strict=True, assign=True)

@@ -50,6 +50,25 @@ class ConvAdapter(nn.Module):
         """Map ``(N, C_in, *S)`` to ``(N, C_out, *S)``."""
         return self.project(self.act(self.mix(x)))
 
+    def linear_equivalent(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(weight (C_out, C_in), bias (C_out,))`` of the pointwise map over channels this module
+        computes, if it is one (pointwise mode, identity activation); else ``None``.
+
+        Used to merge a fossilized adapter into the host convolution it reads the output of.
+        """
+        mix = self.mix
+        if not isinstance(self.act, nn.Identity) or not isinstance(mix, nn.Conv1d | nn.Conv2d):
+            return None
+        if mix.groups != 1 or any(k != 1 for k in mix.kernel_size):
+            return None  # depthwise 3x3: mixes neighbouring positions
+        project = self.project.weight.flatten(1)  # (C_out, hidden)
+        weight = project @ mix.weight.flatten(1)  # (C_out, C_in)
+        bias = self.project.bias
+        if mix.bias is not None:
+            shifted = project @ mix.bias  # (C_out,)
+            bias = shifted if bias is None else shifted + bias
+        return weight, bias
+
 
 class ConvAdapterParams(BaseModel):
     """Hyperparameters of ``conv_adapter``."""

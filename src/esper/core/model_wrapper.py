@@ -12,7 +12,6 @@ import asyncio
 import copy
 import difflib
 import logging
-import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -23,26 +22,31 @@ import torch
 from torch import nn
 
 from esper.contracts import HealthSignal, ModelStats, SeedState
-from esper.errors import ConfigurationError, KernelLoadError, UnknownLayerError
-from esper.execution import (
-    SUPPORTED_LAYER_TYPES,
-    CachedKernel,
-    KasminaLayer,
-    KernelCache,
+from esper.core import optimizer_state
+from esper.core.layer_selection import (
+    TargetSpec,
+    modules_inside_fused,
+    replace_modules,
+    select_targets,
+)
+from esper.core.optimizer_state import KernelListener
+from esper.core.unwrap import unwrap_model
+from esper.errors import ArgumentTypeError, ConfigurationError, KernelLoadError, UnknownLayerError
+from esper.execution import CachedKernel, KasminaLayer, KernelCache
+from esper.execution.arguments import (
+    check_has_method,
+    check_name,
+    check_seed_settings,
+    check_timeout,
+    shown,
 )
 from esper.execution.artifact_sources import ArtifactSource
-from esper.execution.kasmina_layer import has_hooks
+from esper.execution.fast_paths import has_hooks
+from esper.execution.seed_checkpoint import check_layer_slice
 
 logger = logging.getLogger(__name__)
 
-TargetSpec = type[nn.Module] | str | re.Pattern[str]
-"""A layer selector: a module type, a qualified name (or ``.suffix``), or a compiled regex."""
-
-FUSED_INFERENCE_MODULES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer,)
-"""Modules whose inference fast path reads their children's weights instead of calling them."""
-
-KernelListener = Callable[[str, int, nn.Module], None]
-"""``listener(layer_name, seed_idx, kernel_module)``, called when a kernel joins or leaves."""
+__all__ = ["MorphableModel", "TargetSpec", "TelemetrySink", "unwrap", "wrap"]
 
 
 class TelemetrySink(Protocol):
@@ -84,10 +88,12 @@ class MorphableModel(nn.Module):
         self.telemetry_sink = telemetry_sink
         self._graft_listeners: list[KernelListener] = []
         self._remove_listeners: list[KernelListener] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
         self._step = 0
         for layer in self._unique_layers():
             layer.attach(kernel_cache, self)
         self._bind_forward()
+        self.register_load_state_dict_pre_hook(MorphableModel._check_state_dict)
         self.register_load_state_dict_post_hook(MorphableModel._after_state_dict_load)
 
     def _bind_forward(self) -> None:
@@ -113,6 +119,7 @@ class MorphableModel(nn.Module):
 
     def layer(self, name: str) -> KasminaLayer:
         """The seeded layer ``name``; :class:`UnknownLayerError` with suggestions if none."""
+        check_name("layer name", name)
         try:
             return self._layers[name]
         except KeyError:
@@ -166,6 +173,7 @@ class MorphableModel(nn.Module):
         timeout: float | None = 60.0,
     ) -> nn.Module:
         """Blocking form of :meth:`load_kernel`, for scripts without an event loop."""
+        timeout = check_timeout(timeout)
         layer = self.layer(layer_name)
         future = layer.request_kernel(seed_idx, kernel_artifact_id)
         _, not_done = futures_wait([future], timeout=timeout)
@@ -180,6 +188,7 @@ class MorphableModel(nn.Module):
     def _finish_load(
         self, layer: KasminaLayer, seed_idx: int, future: Future[CachedKernel]
     ) -> nn.Module:
+        seed_idx = layer._seed(seed_idx)
         layer.complete_load(seed_idx)
         exc = future.exception() or layer.last_errors.get(seed_idx)
         module = layer.kernel(seed_idx)
@@ -205,8 +214,7 @@ class MorphableModel(nn.Module):
     def seed_state(self, layer_name: str, seed_idx: int) -> SeedState:
         """Current lifecycle state of one seed."""
         layer = self.layer(layer_name)
-        layer._check_seed(seed_idx)
-        return layer.seed_states[seed_idx]
+        return layer.seed_states[layer._seed(seed_idx)]
 
     def step(self, *, graftable: Mapping[str, Collection[int]] | None = None) -> int:
         """Step boundary (call after each optimizer step): graft finished loads, ramp alphas,
@@ -217,6 +225,14 @@ class MorphableModel(nn.Module):
                 boundary (``None``: every finished load). Lockstep training uses it so that all
                 ranks graft at the same step.
         """
+        if graftable is not None and not isinstance(graftable, Mapping):
+            raise ArgumentTypeError(f"graftable must map layer names to seeds: {shown(graftable)}")
+        for name, seeds in (graftable or {}).items():  # all checked before any layer advances
+            layer = self.layer(name)
+            if not isinstance(seeds, Collection):
+                raise ArgumentTypeError(f"graftable[{name!r}] must list seeds: {shown(seeds)}")
+            for seed_idx in seeds:
+                layer._seed(seed_idx)
         self._step += 1
         self.morph_step.fill_(self._step)
         for layer in self._unique_layers():
@@ -241,10 +257,14 @@ class MorphableModel(nn.Module):
 
     def on_kernel_grafted(self, listener: KernelListener) -> None:
         """Call ``listener(layer_name, seed_idx, module)`` whenever a kernel is grafted."""
+        if not callable(listener):
+            raise ArgumentTypeError(f"listener must be callable, got {shown(listener)}")
         self._graft_listeners.append(listener)
 
     def on_kernel_removed(self, listener: KernelListener) -> None:
         """Call ``listener(layer_name, seed_idx, module)`` whenever a kernel is removed."""
+        if not callable(listener):
+            raise ArgumentTypeError(f"listener must be callable, got {shown(listener)}")
         self._remove_listeners.append(listener)
 
     def kernel_grafted(self, layer_name: str, seed_idx: int, module: nn.Module) -> None:
@@ -260,23 +280,31 @@ class MorphableModel(nn.Module):
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, **group_options: Any) -> None:
         """Keep ``optimizer`` in step with grafts: each kernel gets its own parameter group
         (tagged ``esper_seed="<layer>:<seed>"``, with ``group_options`` such as ``lr``), removed
-        with its optimizer state when the kernel is removed."""
+        with its optimizer state when the kernel is removed. Its ``load_state_dict`` then matches
+        groups by tag (see :meth:`load_optimizer_state_dict`)."""
+        if any(attached is optimizer for attached in self._optimizers):
+            raise ConfigurationError("this optimizer is already attached to the model")
+        on_graft, on_removal = optimizer_state.kernel_group_listeners(optimizer, group_options)
+        self._optimizers.append(optimizer)
+        self.on_kernel_grafted(on_graft)
+        self.on_kernel_removed(on_removal)
 
-        def add_group(layer_name: str, seed_idx: int, module: nn.Module) -> None:
-            params = [p for p in module.parameters() if p.requires_grad]
-            tag = f"{layer_name}:{seed_idx}"
-            optimizer.add_param_group({"params": params, "esper_seed": tag, **group_options})
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()``, whose kernel groups carry their ``esper_seed`` tags: save
+        it next to ``model.state_dict()`` and restore it with :meth:`load_optimizer_state_dict`."""
+        return optimizer_state.check_optimizer(optimizer).state_dict()
 
-        def remove_group(layer_name: str, seed_idx: int, module: nn.Module) -> None:
-            tag = f"{layer_name}:{seed_idx}"
-            for group in [g for g in optimizer.param_groups if g.get("esper_seed") == tag]:
-                for param in group["params"]:
-                    optimizer.state.pop(param, None)
-                # by identity: list.remove compares groups with ==, i.e. their tensors elementwise
-                optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not group]
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
+    ) -> None:
+        """Restore an optimizer state saved by :meth:`optimizer_state_dict`, after
+        ``load_state_dict`` re-grafted the kernels (in model order, not graft order): groups are
+        matched by seed tag, and every saved state tensor must fit its parameter.
 
-        self.on_kernel_grafted(add_group)
-        self.on_kernel_removed(remove_group)
+        Raises:
+            ConfigurationError: the groups or shapes do not match; the optimizer is unchanged.
+        """
+        optimizer_state.load_optimizer_state_dict(optimizer, state_dict)
 
     def base_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the original model (everything but grafted kernels)."""
@@ -304,6 +332,8 @@ class MorphableModel(nn.Module):
             reduce: applied to the flat accumulator tensor before it is read, e.g. an all-reduce
                 mean across ranks so every rank quarantines the same seeds.
         """
+        if reduce is not None and not callable(reduce):
+            raise ArgumentTypeError(f"reduce must be callable or None, got {shown(reduce)}")
         layers = list(self._unique_layers())
         if not layers:
             return []
@@ -342,23 +372,22 @@ class MorphableModel(nn.Module):
     # -- unwrapping and checkpoints ------------------------------------------------------------
 
     def unwrap(self) -> nn.Module:
-        """A plain copy of the model that computes what this one computes now.
+        """A plain copy of the model, made of torch classes only, that computes what this one
+        computes now (see :mod:`esper.core.unwrap`): kept kernels are merged into their host's
+        weights where that is exact, else carried by a ``torch.fx`` module on the host."""
+        return unwrap_model(self.model)
 
-        Dormant layers become their base module again; a Linear layer whose running kernels are
-        all linear (``lowrank_adapter`` with the identity activation) gets them merged into its
-        weights (exact up to float rounding); any other layer with running kernels becomes a
-        :class:`~esper.core.frozen_graft.FrozenGraft` (base + fixed-alpha kernels).
-        """
-        from esper.core.frozen_graft import freeze_layer
-
-        plain = copy.deepcopy(self).model
-        replacements = {
-            id(module): freeze_layer(module)
-            for module in plain.modules()
-            if isinstance(module, KasminaLayer)
-        }
-        _replace_modules(plain, replacements)
-        return plain
+    def _check_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """Load pre-hook: check every seeded layer's slice before any module loads a tensor."""
+        for name, module in self.named_modules(prefix=prefix.removesuffix(".")):
+            if isinstance(module, KasminaLayer):
+                check_layer_slice(
+                    state_dict,
+                    f"{name}." if name else "",
+                    layer_name=module.layer_name,
+                    num_seeds=module.num_seeds,
+                    target=module.target(),
+                )
 
     def _after_state_dict_load(self, incompatible_keys: Any) -> None:
         self._step = int(self.morph_step.item())
@@ -366,103 +395,6 @@ class MorphableModel(nn.Module):
 
 def _is_seed_name(name: str) -> bool:
     return ".seeds." in f".{name}"
-
-
-def _replace_modules(root: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
-    """Swap every occurrence of a module (by ``id``) for its replacement, at every parent."""
-    for parent in list(root.modules()):
-        # not named_children(): it yields a child registered twice under one parent only once
-        for child_name, child in list(parent._modules.items()):
-            replacement = replacements.get(id(child))
-            if replacement is not None:
-                setattr(parent, child_name, replacement)
-
-
-def _select_targets(
-    model: nn.Module, target_layers: TargetSpec | Iterable[TargetSpec] | None
-) -> dict[int, list[str]]:
-    """Modules to wrap, as ``id(module) -> every dotted name it appears under``, in model order.
-
-    Raises:
-        UnknownLayerError: a name or regex matches no module (the message lists candidates).
-        ConfigurationError: a named module's type cannot carry seeds.
-    """
-    sites: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    inside_attention: set[int] = set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not name:
-            continue
-        sites.setdefault(id(module), []).append(name)
-        modules[id(module)] = module
-        if isinstance(module, nn.MultiheadAttention):
-            inside_attention.update(id(m) for m in module.modules() if m is not module)
-
-    def supported(module: nn.Module) -> bool:
-        return isinstance(module, SUPPORTED_LAYER_TYPES) and id(module) not in inside_attention
-
-    if target_layers is None:
-        selectors: list[TargetSpec] = list(SUPPORTED_LAYER_TYPES)
-    elif isinstance(target_layers, str | re.Pattern | type):
-        selectors = [target_layers]
-    else:
-        selectors = list(target_layers)
-
-    chosen: set[int] = set()
-    for selector in selectors:
-        matched = _match(selector, sites, modules)
-        if isinstance(selector, type):
-            chosen.update(key for key in matched if supported(modules[key]))
-            continue
-        if not matched:
-            names = [n for key, ns in sites.items() if supported(modules[key]) for n in ns]
-            close = difflib.get_close_matches(str(getattr(selector, "pattern", selector)), names, 3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise UnknownLayerError(
-                f"target {selector!r} matches no module of the model.{hint} Layers that can carry "
-                f"seeds: {', '.join(names) or 'none'}"
-            )
-        for key in matched:
-            module = modules[key]
-            if not supported(module):
-                why = (
-                    "it is part of a MultiheadAttention (target the attention module instead)"
-                    if key in inside_attention
-                    else f"it is a {type(module).__name__}"
-                )
-                supported_names = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
-                raise ConfigurationError(
-                    f"layer {sites[key][0]!r} cannot carry seeds: {why}. Supported layer types: "
-                    f"{supported_names}"
-                )
-            chosen.add(key)
-    if not chosen:
-        raise UnknownLayerError(
-            f"no layer of the model matches target_layers={target_layers!r}; supported layer "
-            f"types: {', '.join(t.__name__ for t in SUPPORTED_LAYER_TYPES)}"
-        )
-    return {key: names for key, names in sites.items() if key in chosen}
-
-
-def _match(
-    selector: TargetSpec, sites: Mapping[int, list[str]], modules: Mapping[int, nn.Module]
-) -> list[int]:
-    if isinstance(selector, type):
-        if not issubclass(selector, nn.Module):
-            raise ConfigurationError(f"target type {selector!r} is not an nn.Module subclass")
-        return [key for key, module in modules.items() if isinstance(module, selector)]
-    if isinstance(selector, re.Pattern):
-        return [key for key, names in sites.items() if any(selector.fullmatch(n) for n in names)]
-    if isinstance(selector, str):
-        suffix = selector[1:] if selector.startswith(".") else selector
-        return [
-            key
-            for key, names in sites.items()
-            if any(n == suffix or n.endswith("." + suffix) for n in names)
-        ]
-    raise ConfigurationError(
-        f"target_layers entries must be module types, names or compiled regexes, got {selector!r}"
-    )
 
 
 def wrap(
@@ -499,39 +431,52 @@ def wrap(
 
     Raises:
         UnknownLayerError: a target name or regex matches nothing.
-        ConfigurationError: a named target cannot carry seeds, or a setting is invalid.
+        ConfigurationError: a named target cannot carry seeds, or a setting is out of range
+            (``seeds_per_layer`` at most :data:`~esper.execution.arguments.MAX_SEEDS_PER_LAYER`);
+            :class:`~esper.errors.ArgumentTypeError` (also a ``TypeError``) for a wrong type.
+            Nothing is changed when it raises.
     """
     if isinstance(model, MorphableModel):
         raise ConfigurationError("the model is already wrapped; call unwrap() first")
-    if seeds_per_layer < 1:
-        raise ConfigurationError(f"seeds_per_layer must be >= 1, got {seeds_per_layer}")
-    targets = _select_targets(model, target_layers)
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(
+            f"wrap() takes a torch.nn.Module, got {shown(model)} ({type(model).__name__})"
+        )
+    settings = check_seed_settings(
+        num_seeds=seeds_per_layer,
+        blend_steps=blend_steps,
+        max_retries=max_retries,
+        retry_backoff_steps=retry_backoff_steps,
+        health_every=health_every,
+    )
+    if not isinstance(inplace, bool):
+        raise ArgumentTypeError(f"inplace must be True or False, got {shown(inplace)}")
+    if kernel_source is not None:
+        check_has_method("kernel_source", kernel_source, "fetch")
+    if kernel_cache is not None and not isinstance(kernel_cache, KernelCache):
+        raise ArgumentTypeError(
+            f"kernel_cache must be a KernelCache or None, got {shown(kernel_cache)}"
+        )
+    if telemetry_sink is not None:
+        check_has_method("telemetry_sink", telemetry_sink, "publish")
+    targets = select_targets(model, target_layers)
     if not inplace:
         model = copy.deepcopy(model)
-        targets = _select_targets(model, [n for names in targets.values() for n in names])
+        targets = select_targets(model, [n for names in targets.values() for n in names])
     modules = dict(model.named_modules(remove_duplicate=False))
-    inside_fused = {
-        id(child)
-        for module in model.modules()
-        if isinstance(module, FUSED_INFERENCE_MODULES)
-        for child in module.modules()
-    }
+    inside_fused = modules_inside_fused(model)
     replacements: dict[int, nn.Module] = {}
     layers: dict[str, KasminaLayer] = {}
     for key, names in targets.items():
         layer = KasminaLayer(
             modules[names[0]],
-            num_seeds=seeds_per_layer,
             layer_name=names[0],
-            blend_steps=blend_steps,
-            max_retries=max_retries,
-            retry_backoff_steps=retry_backoff_steps,
-            health_every=health_every,
             inside_fused_module=key in inside_fused,
+            **settings,
         )
         replacements[key] = layer
         layers.update(dict.fromkeys(names, layer))
-    _replace_modules(model, replacements)
+    replace_modules(model, replacements)
     if kernel_cache is None:
         reference = next(iter((*model.parameters(), *model.buffers())), None)
         device = reference.device if reference is not None else torch.device("cpu")

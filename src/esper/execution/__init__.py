@@ -1,5 +1,6 @@
 """Kasmina: the execution layer: seeds inside wrapped layers, their state layout, the kernel cache."""
 
+from esper.execution.arguments import MAX_SEEDS_PER_LAYER
 from esper.execution.artifact_sources import (
     ArtifactSource,
     DirectoryArtifactSource,
@@ -11,6 +12,7 @@ from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, Layer
 from esper.execution.state_layout import SeedStateLayout
 
 __all__ = [
+    "MAX_SEEDS_PER_LAYER",
     "SUPPORTED_LAYER_TYPES",
     "ArtifactSource",
     "CachedKernel",

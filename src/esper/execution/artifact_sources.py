@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Protocol
 
 from esper.blueprints import sha256_hex
-from esper.errors import ConfigurationError, KernelNotFoundError
+from esper.errors import ArgumentTypeError, ConfigurationError, KernelNotFoundError
+from esper.execution.arguments import shown
 
-_KERNEL_ID = re.compile(r"^[0-9a-f]{64}$")
+_KERNEL_ID = re.compile(r"[0-9a-f]{64}")
+"""A kernel id, matched with ``fullmatch`` (``$`` would accept a trailing newline)."""
 ARTIFACT_SUFFIX = ".safetensors"
 
 
@@ -29,11 +31,19 @@ class ArtifactSource(Protocol):
         ...
 
 
+def _artifact_bytes(data: object) -> bytes:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ArgumentTypeError(
+            f"artifact data must be bytes, got {shown(data)} ({type(data).__name__})"
+        )
+    return bytes(data)
+
+
 def check_kernel_id(kernel_id: str) -> str:
     """Return ``kernel_id`` if it is a sha256 hex digest, else raise :class:`ConfigurationError`."""
-    if not isinstance(kernel_id, str) or not _KERNEL_ID.match(kernel_id):
+    if not isinstance(kernel_id, str) or not _KERNEL_ID.fullmatch(kernel_id):
         raise ConfigurationError(
-            f"invalid kernel id {kernel_id!r}: expected the 64-character lowercase sha256 hex "
+            f"invalid kernel id {shown(kernel_id)}: expected the 64-character lowercase sha256 hex "
             "digest of a kernel artifact"
         )
     return kernel_id
@@ -48,9 +58,10 @@ class InMemoryArtifactSource:
 
     def add(self, data: bytes) -> str:
         """Store ``data`` and return its kernel id (its sha256)."""
+        data = _artifact_bytes(data)
         kernel_id = sha256_hex(data)
         with self._lock:
-            self._artifacts[kernel_id] = bytes(data)
+            self._artifacts[kernel_id] = data
         return kernel_id
 
     def fetch(self, kernel_id: str) -> bytes:
@@ -66,6 +77,8 @@ class DirectoryArtifactSource:
     """Artifacts stored as ``<kernel_id>.safetensors`` files in one local folder."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        if not isinstance(root, str | os.PathLike):
+            raise ArgumentTypeError(f"root must be a folder path, got {shown(root)}")
         self.root = Path(root)
 
     def path_of(self, kernel_id: str) -> Path:
@@ -74,6 +87,7 @@ class DirectoryArtifactSource:
 
     def add(self, data: bytes) -> str:
         """Write ``data`` atomically (temp file + rename) and return its kernel id."""
+        data = _artifact_bytes(data)
         kernel_id = sha256_hex(data)
         path = self.path_of(kernel_id)
         if path.exists():

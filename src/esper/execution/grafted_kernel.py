@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from esper.contracts import BlueprintSpec, KernelTarget
 from esper.errors import ArtifactFormatError
+
+MAX_SPEC_BYTES = 64 * 1024
+"""Bound on a seed spec's bytes: a real one is a few hundred; anything larger is refused unread."""
 
 
 def encode_spec(spec: BlueprintSpec, target: KernelTarget) -> torch.Tensor:
@@ -27,15 +29,30 @@ def encode_spec(spec: BlueprintSpec, target: KernelTarget) -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).clone()
 
 
-def decode_spec(raw: torch.Tensor) -> tuple[BlueprintSpec, KernelTarget]:
-    """Inverse of :func:`encode_spec`; :class:`ArtifactFormatError` if the bytes are not a spec."""
+def decode_spec(raw: object) -> tuple[BlueprintSpec, KernelTarget]:
+    """Inverse of :func:`encode_spec`; :class:`ArtifactFormatError` if ``raw`` is not a spec (a
+    1-D ``uint8`` tensor of at most :data:`MAX_SPEC_BYTES` bytes holding the JSON)."""
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.dim() != 1:
+        described = (
+            f"a {raw.dtype} tensor of shape {tuple(raw.shape)}"
+            if isinstance(raw, torch.Tensor)
+            else type(raw).__name__
+        )
+        raise ArtifactFormatError(
+            f"checkpoint holds a malformed seed spec: expected a 1-D uint8 tensor, got {described}"
+        )
+    if raw.numel() > MAX_SPEC_BYTES:
+        raise ArtifactFormatError(
+            f"checkpoint holds a malformed seed spec: {raw.numel()} bytes, more than the "
+            f"{MAX_SPEC_BYTES} a spec may have"
+        )
     try:
         payload = json.loads(bytes(raw.cpu().tolist()).decode())
         return (
             BlueprintSpec.model_validate(payload["blueprint"]),
             KernelTarget.model_validate(payload["target"]),
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # JSON, pydantic, nesting
         raise ArtifactFormatError(f"checkpoint holds a malformed seed spec: {exc}") from None
 
 

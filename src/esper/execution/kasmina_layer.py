@@ -9,9 +9,10 @@ Performance contract (design invariants 1–6):
   lifecycle changes), so a dormant layer costs exactly one module call, as the unwrapped model.
 * Which seeds run is host state (``seed_state.running``), changed only by lifecycle calls;
   alphas are device buffers; the forward never reads a device value on the host.
-* A kernel whose output is not finite contributes zero (``torch.where`` on the device) and is
-  counted on the device; it is quarantined when telemetry is next read.
-* A kernel that raises is bypassed for the rest of that forward and put in ERROR_RECOVERY.
+* A kernel whose output is not finite contributes zero (on the device, its sum accumulated in at
+  least float32) and is counted on the device; it is quarantined when telemetry is next read.
+* A kernel that raises, or whose output the blend cannot use, is bypassed for the rest of that
+  forward and put in ERROR_RECOVERY; nothing done around a kernel can crash the host's forward.
 * Loading happens on the kernel cache's threads; this layer only checks a finished future at
   step boundaries (:meth:`KasminaLayer.advance`).
 """
@@ -19,7 +20,6 @@ Performance contract (design invariants 1–6):
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -27,29 +27,30 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from esper.blueprints import build_kernel
-from esper.contracts import (
-    HealthSignal,
-    KernelTarget,
-    LayerStats,
-    SeedHealth,
-    SeedState,
-    check_transition,
-)
-from esper.errors import (
-    ConfigurationError,
-    KernelShapeMismatchError,
-    SeedIndexError,
+from esper.contracts import HealthSignal, KernelTarget, LayerStats, SeedState, check_transition
+from esper.errors import ArgumentTypeError, ConfigurationError, KernelShapeMismatchError
+from esper.execution import seed_health
+from esper.execution.arguments import (
+    check_alpha,
+    check_int,
+    check_name,
+    check_seed_index,
+    check_seed_settings,
+    is_integer,
+    shown,
 )
 from esper.execution.artifact_sources import check_kernel_id
-from esper.execution.grafted_kernel import GraftedKernel, decode_spec
+from esper.execution.fast_paths import (
+    disable_fused_fast_paths,
+    has_hooks,
+    nest_like,
+    unbind_sequences,
+)
+from esper.execution.grafted_kernel import GraftedKernel
 from esper.execution.kernel_cache import CachedKernel, KernelCache
 from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, profile_layer
-from esper.execution.state_layout import (
-    LAYER_HEALTH_FIELDS,
-    SEED_HEALTH_FIELDS,
-    SeedStateLayout,
-)
+from esper.execution.seed_checkpoint import build_restored_kernels, check_layer_slice
+from esper.execution.state_layout import SeedStateLayout
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +67,12 @@ class SeedEvents(Protocol):
         ...
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether a module has forward/backward hooks of its own (then it must be called, not
-    bypassed by binding its ``forward``)."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
+_SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+"""Kernel outputs in these dtypes are summed (for the finiteness check) in float32: a float16
+sum of ordinary activations overflows."""
 
-
-def _disable_fused_fast_paths(module: nn.Module, args: tuple[Any, ...]) -> None:
-    """Forward pre-hook registered while kernels run; its presence is the point.
-
-    Fused inference paths such as ``nn.TransformerEncoderLayer``'s read their children's weights
-    directly and skip the children's forwards, which would silently drop grafted kernels. They
-    are disabled whenever a child module has a forward hook, so running kernels register this one.
-    """
+_MAX_RETRY_STEP = 2**62
+"""Retry steps are clamped here: the backoff doubles per fault, the device keeps an int64."""
 
 
 class _FiniteGradient(torch.autograd.Function):
@@ -116,8 +105,12 @@ class KasminaLayer(nn.Module):
         health_every: record health statistics on one forward every this many steps (0: never).
         inside_fused_module: the layer lives inside a module with a fused inference path that
             reads its children's weights directly (``nn.TransformerEncoderLayer``): while kernels
-            run, the layer then disables that path (see ``_disable_fused_fast_paths``).
+            run, the layer then disables that path (see :mod:`esper.execution.fast_paths`).
             ``esper.wrap`` sets it.
+
+    Raises:
+        ConfigurationError: ``base`` cannot carry seeds or a setting is out of range
+            (:class:`~esper.errors.ArgumentTypeError` for a wrong type).
     """
 
     def __init__(
@@ -133,32 +126,39 @@ class KasminaLayer(nn.Module):
         inside_fused_module: bool = False,
     ) -> None:
         super().__init__()
-        profile = profile_layer(base)
+        check_name("layer_name", layer_name)
+        profile = profile_layer(base) if isinstance(base, nn.Module) else None
         if profile is None:
             supported = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
             raise ConfigurationError(
                 f"layer {layer_name or type(base).__name__!r} is a {type(base).__name__}, which "
                 f"cannot carry seeds; supported layer types: {supported}"
             )
-        if num_seeds < 1 or blend_steps < 1 or max_retries < 0 or retry_backoff_steps < 1:
-            raise ConfigurationError(
-                f"invalid seed settings for {layer_name!r}: num_seeds={num_seeds} (>= 1), "
-                f"blend_steps={blend_steps} (>= 1), max_retries={max_retries} (>= 0), "
-                f"retry_backoff_steps={retry_backoff_steps} (>= 1)"
-            )
+        settings = check_seed_settings(
+            num_seeds=num_seeds,
+            blend_steps=blend_steps,
+            max_retries=max_retries,
+            retry_backoff_steps=retry_backoff_steps,
+            health_every=health_every,
+            where="num_seeds",
+        )
+        num_seeds = settings["num_seeds"]
+        floating = [t.dtype for t in (*base.parameters(), *base.buffers()) if t.is_floating_point()]
         self.base = base
-        self.seed_state = SeedStateLayout(num_seeds)
+        self.seed_state = SeedStateLayout(
+            num_seeds, dtype=floating[0] if floating else torch.get_default_dtype()
+        )
         # ``self.seeds`` (an nn.ModuleDict of GraftedKernels by seed index) exists only while a
         # kernel is grafted: fused inference paths scan every submodule on every call.
         self.profile = profile
         self._reads_input = profile.graft_point is GraftPoint.INPUT
         self._returns_tuple = profile.returns_tuple
         self.layer_name = layer_name
-        self.blend_steps = blend_steps
-        self.max_retries = max_retries
-        self.retry_backoff_steps = retry_backoff_steps
-        self.health_every = health_every
-        self.inside_fused_module = inside_fused_module
+        self.blend_steps: int = settings["blend_steps"]
+        self.max_retries: int = settings["max_retries"]
+        self.retry_backoff_steps: int = settings["retry_backoff_steps"]
+        self.health_every: int = settings["health_every"]
+        self.inside_fused_module = bool(inside_fused_module)
         self.last_errors: dict[int, BaseException] = {}
         """The most recent load or kernel failure of each seed (for inspection; also logged)."""
         self._kernels: list[GraftedKernel | None] = [None] * num_seeds
@@ -206,9 +206,9 @@ class KasminaLayer(nn.Module):
         # object.__setattr__: a module assigned through nn.Module.__setattr__ would be registered
         # as a child named "forward".
         object.__setattr__(self, "forward", forward)
-        guards = [k for k, h in self._forward_pre_hooks.items() if h is _disable_fused_fast_paths]
+        guards = [k for k, h in self._forward_pre_hooks.items() if h is disable_fused_fast_paths]
         if self._running_seeds and self.inside_fused_module and not guards:
-            self.register_forward_pre_hook(_disable_fused_fast_paths)
+            self.register_forward_pre_hook(disable_fused_fast_paths)
         elif not self._running_seeds:
             for key in guards:
                 del self._forward_pre_hooks[key]
@@ -220,45 +220,64 @@ class KasminaLayer(nn.Module):
             kernel_in = args[0] if args else next(iter(kwargs.values()))
         else:
             kernel_in = base_out
-        record = self._record_health
-        y = base_out
-        for seed_idx, kernel, alpha, health, output_sum in self._running_seeds:
-            try:
-                k = kernel(
-                    _FiniteGradient.apply(kernel_in) if kernel_in.requires_grad else kernel_in
-                )
-            except Exception as exc:  # a faulty kernel must never take training down
-                self._on_kernel_fault(seed_idx, exc)
-                continue
-            k_sum = k.detach().sum()
-            output_sum.add_(k_sum)  # stays finite iff every output in the window was
-            # Non-finite output contributes exactly zero without a host read: nan_to_num makes
-            # every element finite, and the scale drops to zero because k_sum - k_sum is 0 for a
-            # finite sum and NaN for an infinite or NaN one (cheaper than isfinite + a bool cast).
-            scale = torch.nan_to_num(alpha + (k_sum - k_sum), nan=0.0)
-            k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
-            if record:
-                contribution_sq = (k.detach().float() * scale).square().mean()
-                health[:2].add_(torch.stack([contribution_sq, torch.ones_like(contribution_sq)]))
-            y = torch.addcmul(y, k, scale)
-        if record:
-            self._record_output_health(base_out)
+        if base_out.is_nested:  # host metadata: TransformerEncoder's nested inference path
+            y = self._blend_sequences(base_out, kernel_in)
+        else:
+            y = self._blend(base_out, kernel_in)
+        if self._record_health:
             self._record_health = False
+            try:
+                seed_health.record_output_health(
+                    self.seed_state.layer_health, base_out, self.profile.channel_dim
+                )
+            except Exception as exc:  # statistics must never take the host's forward down
+                logger.warning("layer %r: health sample skipped: %s", self.layer_name, exc)
             self._select_forward()
         if self._returns_tuple:
             return (y, *out[1:])
         return y
 
-    def _record_output_health(self, base_out: torch.Tensor) -> None:
-        h = base_out.detach().float()
-        if self.profile.channel_dim == 1:
-            h = h.movedim(1, -1)  # (N, *S, C)
-        units = h.reshape(-1, h.shape[-1])  # (M, C)
-        mean = units.mean()
-        sq_mean = units.square().mean()
-        dead = (units > 0).any(dim=0).logical_not().float().mean()
-        stats = torch.stack([torch.ones_like(mean), mean, sq_mean, dead])  # (4,)
-        self.seed_state.layer_health.add_(stats)
+    def _blend(self, y: torch.Tensor, kernel_in: torch.Tensor) -> torch.Tensor:
+        """``y + Σ alpha_i · kernel_i(kernel_in)`` over the running seeds (dense tensors)."""
+        record = self._record_health
+        for seed_idx, kernel, alpha, health, output_sum in self._running_seeds:
+            try:  # everything done with a kernel's output is guarded: a fault bypasses the seed
+                k = kernel(
+                    _FiniteGradient.apply(kernel_in) if kernel_in.requires_grad else kernel_in
+                )
+                wide = _SUM_DTYPES.get(k.dtype)  # sum(dtype=None) costs a microsecond more
+                k_sum = k.detach().sum() if wide is None else k.detach().sum(dtype=wide)
+                output_sum.add_(k_sum)  # stays finite iff every output in the window was
+                # Non-finite output contributes exactly zero without a host read: nan_to_num makes
+                # every element finite, and the scale drops to zero because k_sum - k_sum is 0
+                # for a finite sum and NaN for an infinite or NaN one (cheaper than isfinite).
+                scale = torch.nan_to_num(alpha + (k_sum - k_sum), nan=0.0)
+                k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+                if record:
+                    contribution_sq = (k.detach().to(health.dtype) * scale).square().mean()
+                    health[:2].add_(
+                        torch.stack([contribution_sq, torch.ones_like(contribution_sq)])
+                    )
+                if scale.dtype != y.dtype:  # a float32 scale would promote under CUDA autocast
+                    scale = scale.to(y.dtype)
+                y = torch.addcmul(y, k, scale)
+            except Exception as exc:  # a faulty kernel must never take training down
+                self._on_kernel_fault(seed_idx, exc)
+        return y
+
+    def _blend_sequences(self, base_out: torch.Tensor, kernel_in: torch.Tensor) -> torch.Tensor:
+        """:meth:`_blend` for a nested tensor, one sequence at a time (see ``fast_paths``)."""
+        if not self._running_seeds:
+            return base_out
+        try:
+            outputs = unbind_sequences(base_out)
+            inputs = outputs if kernel_in is base_out else unbind_sequences(kernel_in)
+            pieces = [self._blend(y, u) for y, u in zip(outputs, inputs, strict=True)]
+            return nest_like(pieces, base_out)
+        except Exception as exc:
+            for seed_idx, *_ in self._running_seeds:
+                self._on_kernel_fault(seed_idx, exc)
+            return base_out
 
     def __getattr__(self, name: str) -> Any:
         """Fall back to the base module's attributes (``layer.weight``, ``attn.batch_first``...).
@@ -323,6 +342,8 @@ class KasminaLayer(nn.Module):
 
     def attach(self, cache: KernelCache, events: SeedEvents | None = None) -> None:
         """Use ``cache`` to load kernels and report structural changes to ``events``."""
+        if not isinstance(cache, KernelCache):
+            raise ArgumentTypeError(f"cache must be a KernelCache, got {type(cache).__name__}")
         self._cache = cache
         object.__setattr__(self, "_events", events)  # a back-reference, not a child module
 
@@ -332,7 +353,7 @@ class KasminaLayer(nn.Module):
         The kernel is grafted at the next :meth:`advance` after the load finishes (or by
         :meth:`complete_load`).
         """
-        self._check_seed(seed_idx)
+        seed_idx = self._seed(seed_idx)
         if self._cache is None:
             raise ConfigurationError(
                 f"layer {self.layer_name!r} has no kernel cache; wrap the model with esper.wrap() "
@@ -356,6 +377,7 @@ class KasminaLayer(nn.Module):
         A failed load returns the seed to DORMANT and re-raises nothing: the error is logged and
         kept in :attr:`last_errors` (use the future from :meth:`request_kernel` to get it raised).
         """
+        seed_idx = self._seed(seed_idx)
         future = self._pending.get(seed_idx)
         if future is None or not future.done():
             return False
@@ -376,7 +398,11 @@ class KasminaLayer(nn.Module):
         Raises:
             KernelShapeMismatchError: the kernel was built for another layer geometry.
         """
-        self._check_seed(seed_idx)
+        seed_idx = self._seed(seed_idx)
+        if not isinstance(cached, CachedKernel):
+            raise ArgumentTypeError(
+                f"graft() takes the CachedKernel a KernelCache loaded, got {type(cached).__name__}"
+            )
         check_transition(
             self.seed_state.slots[seed_idx].state, SeedState.BLENDING, where=self._where(seed_idx)
         )
@@ -406,21 +432,20 @@ class KasminaLayer(nn.Module):
 
     def unload(self, seed_idx: int) -> None:
         """Cull a seed's kernel (LOADING/BLENDING/ACTIVE/ERROR_RECOVERY -> DORMANT)."""
-        self._check_seed(seed_idx)
+        seed_idx = self._seed(seed_idx)
         self.seed_state.transition(seed_idx, SeedState.DORMANT, where=self._where(seed_idx))
         self._pending.pop(seed_idx, None)
         self._reset_seed(seed_idx)
 
     def fossilize(self, seed_idx: int) -> None:
         """Keep an ACTIVE seed's kernel permanently (ACTIVE -> FOSSILIZED)."""
-        self._check_seed(seed_idx)
+        seed_idx = self._seed(seed_idx)
         self.seed_state.transition(seed_idx, SeedState.FOSSILIZED, where=self._where(seed_idx))
 
     def set_alpha(self, seed_idx: int, value: float) -> None:
         """Override the blend weight of a seed that holds a kernel (0 <= value <= 1)."""
-        self._check_seed(seed_idx)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigurationError(f"alpha must be within [0, 1], got {value}")
+        seed_idx = self._seed(seed_idx)
+        value = check_alpha(value)
         if not self.seed_state.slots[seed_idx].state.runs_kernel:
             raise ConfigurationError(
                 f"{self._where(seed_idx)} is {self.seed_state.slots[seed_idx].state.name}: only a "
@@ -436,6 +461,13 @@ class KasminaLayer(nn.Module):
             graftable: seeds whose finished loads may be grafted now (``None``: all). Lockstep
                 training passes the seeds whose loads finished on every rank.
         """
+        step = check_int("step", step, minimum=0, maximum=2**62)
+        if graftable is not None and not (
+            isinstance(graftable, Collection) and all(is_integer(i) for i in graftable)
+        ):
+            raise ArgumentTypeError(
+                f"graftable must be a collection of seed indices or None, got {shown(graftable)}"
+            )
         self._step = step
         # A kernel grafted at this boundary runs its first step at alpha 0; its ramp starts next.
         just_grafted = {
@@ -490,7 +522,9 @@ class KasminaLayer(nn.Module):
             self.seed_state.set_kernel_id(seed_idx, None)
             self.seed_state.set_alpha(seed_idx, 0.0)
         else:
-            retry_after = self._step + self.retry_backoff_steps * 2 ** (errors - 1)
+            retry_after = min(
+                self._step + self.retry_backoff_steps * 2 ** (errors - 1), _MAX_RETRY_STEP
+            )
             logger.warning(
                 "%s: kernel fault (%s); bypassed, retry %d/%d at step %d",
                 self._where(seed_idx),
@@ -555,16 +589,13 @@ class KasminaLayer(nn.Module):
 
     def kernel(self, seed_idx: int) -> nn.Module | None:
         """The kernel module grafted in a seed, if any."""
-        self._check_seed(seed_idx)
+        seed_idx = self._seed(seed_idx)
         grafted = self._kernels[seed_idx]
         return grafted.kernel if grafted is not None else None
 
-    def _check_seed(self, seed_idx: int) -> None:
-        if not isinstance(seed_idx, int) or not 0 <= seed_idx < self.num_seeds:
-            raise SeedIndexError(
-                f"seed index {seed_idx!r} is out of range for layer {self.layer_name!r}, which has "
-                f"{self.num_seeds} seeds (valid: 0..{self.num_seeds - 1})"
-            )
+    def _seed(self, seed_idx: object) -> int:
+        """``seed_idx`` as an ``int`` if it indexes a seed; else :class:`SeedIndexError`."""
+        return check_seed_index(seed_idx, num_seeds=self.num_seeds, layer_name=self.layer_name)
 
     def _where(self, seed_idx: int) -> str:
         return f"layer {self.layer_name!r} seed {seed_idx}"
@@ -572,24 +603,14 @@ class KasminaLayer(nn.Module):
     # -- telemetry -----------------------------------------------------------------------------
 
     def health_tensor(self) -> torch.Tensor:
-        """This window's accumulators and the base grad norm as one flat device tensor.
-
-        Layout: ``layer_health`` (4), ``seed_health`` (N*3), grad norm (1; -1 when no grads).
-        """
-        grads = [p.grad for p in self.base.parameters() if p.grad is not None]
-        state = self.seed_state
-        if grads:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-            ).reshape(1)
-        else:
-            grad_norm = torch.full((1,), -1.0, device=state.layer_health.device)
-        return torch.cat([state.layer_health, state.seed_health.reshape(-1), grad_norm])
+        """This window's accumulators and the base grad norm as one flat device tensor (see
+        :func:`esper.execution.seed_health.health_tensor`)."""
+        return seed_health.health_tensor(self.base, self.seed_state)
 
     @staticmethod
     def health_tensor_size(num_seeds: int) -> int:
         """Length of :meth:`health_tensor` for a layer with ``num_seeds`` seeds."""
-        return len(LAYER_HEALTH_FIELDS) + num_seeds * len(SEED_HEALTH_FIELDS) + 1
+        return seed_health.health_tensor_size(num_seeds)
 
     def health_signal(self, values: list[float], *, step: int, timestamp: float) -> HealthSignal:
         """Turn this layer's slice of the health transfer into a :class:`HealthSignal`.
@@ -597,41 +618,19 @@ class KasminaLayer(nn.Module):
         Also quarantines every running seed whose kernel produced non-finite output in the window,
         and resets the accumulators.
         """
-        samples, mean_sum, sq_mean_sum, dead_sum = values[:4]
-        n_fields = len(SEED_HEALTH_FIELDS)
-        seeds = []
-        for seed_idx, slot in enumerate(self.seed_state.slots):
-            contribution_sq, recorded, output_sum = values[4 + seed_idx * n_fields :][:n_fields]
-            nonfinite = not math.isfinite(output_sum)
-            if nonfinite and slot.state.runs_kernel:
+        for seed_idx in seed_health.nonfinite_seeds(values, self.num_seeds):
+            if self.seed_state.slots[seed_idx].state.runs_kernel:
                 self._on_kernel_fault(seed_idx, FloatingPointError("kernel output was not finite"))
-            seeds.append(
-                SeedHealth(
-                    seed_idx=seed_idx,
-                    state=slot.state,
-                    alpha=slot.alpha,
-                    kernel_id=slot.kernel_id,
-                    contribution_rms=(contribution_sq / recorded) ** 0.5 if recorded else 0.0,
-                    nonfinite_output=nonfinite,
-                    error_count=slot.error_count,
-                )
-            )
-        grad_norm = values[-1]
-        self.seed_state.reset_health()
-        mean = mean_sum / samples if samples else 0.0
-        variance = max(0.0, sq_mean_sum / samples - mean * mean) if samples else 0.0
-        return HealthSignal(
+        signal = seed_health.build_health_signal(
+            values,
+            self.seed_state.slots,
             layer_name=self.layer_name,
             layer_kind=self.profile.kind,
             step=step,
             timestamp=timestamp,
-            samples=int(samples),
-            output_mean=mean,
-            output_std=variance**0.5,
-            dead_fraction=min(1.0, max(0.0, dead_sum / samples)) if samples else 0.0,
-            grad_norm=grad_norm if grad_norm >= 0 else None,
-            seeds=tuple(seeds),
         )
+        self.seed_state.reset_health()
+        return signal
 
     def stats(self) -> LayerStats:
         """Parameter counts and seed states of this layer."""
@@ -661,28 +660,19 @@ class KasminaLayer(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Before the children load: rebuild the seed modules the checkpoint holds."""
-        spec_keys = {
-            int(key[len(prefix) :].split(".")[1]): key
-            for key in state_dict
-            if key.startswith(prefix + "seeds.") and key.endswith(".spec")
-        }
+        """Before the children load: check this layer's slice of the checkpoint (before anything
+        is allocated or changed; :class:`~esper.errors.StateDictError` if it does not fit), then
+        rebuild the seed modules it holds."""
+        target = self.target()
+        restored = check_layer_slice(
+            state_dict, prefix, layer_name=self.layer_name, num_seeds=self.num_seeds, target=target
+        )
+        kernels = build_restored_kernels(restored, target, device=target.device)
         for seed_idx in range(self.num_seeds):
-            if seed_idx not in spec_keys:
+            if seed_idx in kernels:
+                self._install(seed_idx, kernels[seed_idx])
+            else:
                 self._drop_kernel(seed_idx)
-                continue
-            spec, target = decode_spec(state_dict[spec_keys[seed_idx]])
-            reference = next(iter((*self.base.parameters(), *self.base.buffers())), None)
-            kernel = build_kernel(
-                spec,
-                target.model_copy(
-                    update={"dtype": str(reference.dtype).removeprefix("torch.")}
-                    if reference is not None
-                    else {}
-                ),
-                device=reference.device if reference is not None else "cpu",
-            )
-            self._install(seed_idx, GraftedKernel(kernel, spec, target))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

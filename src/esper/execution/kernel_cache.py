@@ -23,6 +23,7 @@ from torch import nn
 from esper.blueprints import decode_artifact
 from esper.contracts import CacheStats, KernelMetadata
 from esper.errors import ConfigurationError, EsperError, KernelLoadError
+from esper.execution.arguments import check_has_method, check_int
 from esper.execution.artifact_sources import ArtifactSource, check_kernel_id
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,11 @@ class KernelCache:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_workers: int = 2,
     ) -> None:
-        if max_bytes <= 0 or max_entries <= 0:
-            raise ConfigurationError(
-                f"cache bounds must be positive, got max_bytes={max_bytes}, "
-                f"max_entries={max_entries}"
-            )
+        max_bytes = check_int("max_bytes", max_bytes, minimum=1, maximum=2**62)
+        max_entries = check_int("max_entries", max_entries, minimum=1, maximum=2**31 - 1)
+        max_workers = check_int("max_workers", max_workers, minimum=1, maximum=256)
+        if source is not None:
+            check_has_method("source", source, "fetch")
         self.source = source
         self.device = torch.device(device)
         self.max_bytes = max_bytes
@@ -127,6 +128,7 @@ class KernelCache:
 
     def set_source(self, source: ArtifactSource) -> None:
         """Fetch future misses from ``source``."""
+        check_has_method("source", source, "fetch")
         self.source = source
 
     def get(self, kernel_id: str) -> Future[CachedKernel]:

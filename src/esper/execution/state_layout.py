@@ -7,11 +7,16 @@ anything. The host is the source of truth; each change writes through to the dev
 without a sync, and :meth:`SeedStateLayout.reload_from_buffers` rebuilds the mirror after a
 checkpoint load. Transitions are validated against :data:`esper.contracts.TRANSITIONS` before
 anything changes.
+
+Dtypes: ``alpha`` follows the model (a float64 model blends in float64 and ``model.half()``
+makes it float16); the health accumulators follow it too but never go below float32, so sums of
+ordinary float16 activations cannot overflow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,15 +46,21 @@ class SeedSlot:
     blend_steps_done: int = 0
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype health statistics accumulate in for a model in ``dtype``: float32 or wider."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class SeedStateLayout(nn.Module):
     """Per-layer seed state as device buffers (structure of arrays) with a host mirror.
 
     Args:
         num_seeds: seeds in the layer.
+        dtype: the model's floating dtype (that of ``alpha``; accumulators are at least float32).
 
-    Buffers (``N = num_seeds``): ``lifecycle`` int8 (N,), ``alpha`` float32 (N,), ``kernel_id``
+    Buffers (``N = num_seeds``): ``lifecycle`` int8 (N,), ``alpha`` dtype (N,), ``kernel_id``
     uint8 (N, 32), ``error_count`` int32 (N,), ``retry_after_step`` int64 (N,), ``blend_steps``
-    int32 (N,), ``layer_health`` float32 (4,), ``seed_health`` float32 (N, 3).
+    int32 (N,), ``layer_health`` accumulator (4,), ``seed_health`` accumulator (N, 3).
     """
 
     lifecycle: torch.Tensor
@@ -61,20 +72,35 @@ class SeedStateLayout(nn.Module):
     layer_health: torch.Tensor
     seed_health: torch.Tensor
 
-    def __init__(self, num_seeds: int) -> None:
+    def __init__(self, num_seeds: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         n = num_seeds
+        accumulator = accumulator_dtype(dtype)
         self.register_buffer("lifecycle", torch.zeros(n, dtype=torch.int8))
-        self.register_buffer("alpha", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("alpha", torch.zeros(n, dtype=dtype))
         self.register_buffer("kernel_id", torch.zeros(n, KERNEL_ID_BYTES, dtype=torch.uint8))
         self.register_buffer("error_count", torch.zeros(n, dtype=torch.int32))
         self.register_buffer("retry_after_step", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("blend_steps", torch.zeros(n, dtype=torch.int32))
-        self.register_buffer("layer_health", torch.zeros(len(LAYER_HEALTH_FIELDS)))
-        self.register_buffer("seed_health", torch.zeros(n, len(SEED_HEALTH_FIELDS)))
+        self.register_buffer(
+            "layer_health", torch.zeros(len(LAYER_HEALTH_FIELDS), dtype=accumulator)
+        )
+        self.register_buffer(
+            "seed_health", torch.zeros(n, len(SEED_HEALTH_FIELDS), dtype=accumulator)
+        )
         self.slots = [SeedSlot() for _ in range(n)]
         self.running: tuple[int, ...] = ()
         """Indices of seeds whose kernels run in forward (BLENDING, ACTIVE, FOSSILIZED)."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SeedStateLayout:
+        """``.half()``/``.to(dtype)``: alpha follows; the accumulators stay float32 or wider."""
+        super()._apply(fn, recurse)
+        for name in ("layer_health", "seed_health"):
+            buffer = self._buffers[name]
+            assert buffer is not None
+            if buffer.dtype != accumulator_dtype(buffer.dtype):
+                self._buffers[name] = buffer.to(accumulator_dtype(buffer.dtype))
+        return self
 
     @property
     def num_seeds(self) -> int:

@@ -39,14 +39,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from esper.core import MorphableModel
+from esper.core.optimizer_state import load_optimizer_state_dict, optimizer_group_tags
 from esper.errors import ConfigurationError, EsperError
 from esper.tolaria.bounded_input import clip
 from esper.tolaria.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-
-SEED_GROUP_KEY = "esper_seed"
-"""Parameter-group tag that :meth:`MorphableModel.attach_optimizer` gives each kernel's group."""
 
 
 @dataclass
@@ -99,11 +97,6 @@ def join_tensors(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(state, list):
         return [join_tensors(v, tensors) for v in state]
     return state
-
-
-def optimizer_group_tags(optimizer: torch.optim.Optimizer) -> list[str | None]:
-    """Each parameter group's ``esper_seed`` tag (``None`` for base groups), in order."""
-    return [group.get(SEED_GROUP_KEY) for group in optimizer.param_groups]
 
 
 def capture(
@@ -373,20 +366,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) 
     Raises:
         ConfigurationError: the optimizer's groups do not match the checkpoint's.
     """
-    current = optimizer_group_tags(optimizer)
-    if sorted(current, key=str) != sorted(checkpoint.optimizer_groups, key=str):
-        raise ConfigurationError(
-            f"the optimizer's parameter groups {current} do not match the checkpoint's "
-            f"{checkpoint.optimizer_groups}; load the model state (which re-grafts the kernels) "
-            "into a model whose optimizer is attached with attach_optimizer() first"
-        )
-    remaining = list(optimizer.param_groups)
-    ordered = []
-    for tag in checkpoint.optimizer_groups:
-        index = next(i for i, group in enumerate(remaining) if group.get(SEED_GROUP_KEY) == tag)
-        ordered.append(remaining.pop(index))
-    optimizer.param_groups[:] = ordered
-    optimizer.load_state_dict(checkpoint.optimizer)
+    load_optimizer_state_dict(
+        optimizer, checkpoint.optimizer, group_tags=checkpoint.optimizer_groups
+    )
 
 
 def restore_rng(checkpoint: Checkpoint, data_generator: torch.Generator) -> None:

@@ -1,5 +1,5 @@
 """esper.unwrap: a plain model (no KasminaLayer left) computing what the morphed model computes;
-linear low-rank kernels merge into Linear weights, other kernels become FrozenGrafts."""
+linear low-rank kernels merge into Linear weights (the other cases: test_core_unwrap_plain_torch)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ from torch import nn
 
 import esper
 from esper.contracts import BlueprintSpec
-from esper.core import FrozenGraft
 from esper.execution import InMemoryArtifactSource, KasminaLayer
 
 Germinate = Callable[..., nn.Module]
-
-RESIDUAL = BlueprintSpec(family="residual_mlp", params={"hidden": 6})
-CONV = BlueprintSpec(family="conv_adapter", params={"hidden": 3})
 
 
 def _lowrank(bias: bool = False) -> BlueprintSpec:
@@ -56,49 +52,6 @@ def test_linear_kernels_merge_into_the_linear_weights(
     ) + (16 if kernel_bias and not base_bias else 0)
     assert torch.allclose(unwrapped(x), model(x), atol=1e-5)
     assert not torch.allclose(unwrapped(x), plain(x), atol=1e-3)
-
-
-def test_non_linear_kernels_become_frozen_grafts(
-    source: InMemoryArtifactSource, germinate: Germinate
-) -> None:
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = nn.Conv2d(2, 4, 3, padding=1)
-            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-            self.norm = nn.LayerNorm(4)
-            self.fc = nn.Linear(4, 3)
-            self.out = nn.Linear(3, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.conv(x).flatten(2).transpose(1, 2)  # (N, H*W, 4)
-            h = self.norm(h + self.attn(h, h, h)[0])
-            return self.out(torch.relu(self.fc(h.mean(dim=1))))
-
-    model = esper.wrap(Net(), seeds_per_layer=1, kernel_source=source)
-    germinate(model, "conv", 0, CONV)
-    germinate(model, "attn", 0, _lowrank())  # linear, but it reads the output: not mergeable
-    germinate(model, "norm", 0, _lowrank())
-    germinate(model, "fc", 0, RESIDUAL)
-    for name in ("conv", "attn", "norm", "fc"):
-        model.set_seed_alpha(name, seed_idx=0, alpha=0.75)
-    x = torch.randn(2, 2, 4, 4)
-
-    unwrapped = esper.unwrap(model)
-
-    assert _no_kasmina(unwrapped)
-    for name in ("conv", "attn", "norm", "fc"):
-        graft = getattr(unwrapped, name)
-        assert isinstance(graft, FrozenGraft), name
-        assert graft.alphas.tolist() == [0.75]
-        assert len(graft.kernels) == 1
-    assert type(unwrapped.out) is nn.Linear  # dormant: the base module again
-    assert torch.allclose(unwrapped(x), model(x), atol=1e-5)
-    h = torch.randn(2, 5, 4)
-    out, weights = unwrapped.attn(h, h, h)
-    assert weights.shape == (2, 5, 5)  # the attention's tuple output is kept
-    assert torch.allclose(out, model.layer("attn")(h, h, h)[0], atol=1e-6)
 
 
 def test_a_dormant_model_unwraps_to_the_original_modules(source: InMemoryArtifactSource) -> None:

@@ -46,6 +46,34 @@ class RaisingFamily:
 if RAISING_FAMILY not in family_names():
     register_family(RaisingFamily())
 
+MISSHAPEN_FAMILY = "test_execution_misshapen_kernel"
+"""A test-only family whose kernels return what the blend cannot use (a wrong shape, a tuple)."""
+
+
+class MisshapenKernel(nn.Module):
+    """Runs fine, but returns ``(N, 1, 7)`` zeros, or a tuple once ``as_tuple`` is set."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(features))
+        self.as_tuple = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.as_tuple:
+            return (x, x)  # type: ignore[return-value]
+        return x.new_zeros(x.shape[0], 1, 7)
+
+
+class MisshapenFamily(RaisingFamily):
+    name = MISSHAPEN_FAMILY
+
+    def build(self, params: BaseModel, target: KernelTarget) -> nn.Module:
+        return MisshapenKernel(target.out_features)
+
+
+if MISSHAPEN_FAMILY not in family_names():
+    register_family(MisshapenFamily())
+
 LOWRANK = BlueprintSpec(family="lowrank_adapter", params={"rank": 2})
 
 
@@ -53,6 +81,12 @@ LOWRANK = BlueprintSpec(family="lowrank_adapter", params={"rank": 2})
 def raising_spec() -> BlueprintSpec:
     """Spec of a kernel that raises in forward (a test-only family registered by this file)."""
     return BlueprintSpec(family=RAISING_FAMILY)
+
+
+@pytest.fixture
+def misshapen_spec() -> BlueprintSpec:
+    """Spec of a kernel whose output does not fit the layer (a test-only family, see above)."""
+    return BlueprintSpec(family=MISSHAPEN_FAMILY)
 
 
 @pytest.fixture

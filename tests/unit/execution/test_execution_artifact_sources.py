@@ -39,7 +39,22 @@ def test_directory_source_round_trip_and_atomic_write(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad_id", ["", "../" + "0" * 61, "A" * 64, "0" * 63, "0" * 65, "g" * 64, None, 12]
+    "bad_id",
+    [
+        "",
+        "../" + "0" * 61,
+        "A" * 64,
+        "0" * 63,
+        "0" * 65,
+        "g" * 64,
+        None,
+        12,
+        "0" * 64 + "\n",
+        "\n" + "0" * 64,
+        "0" * 64 + "\x00",
+        "0" * 64 + " ",
+        b"0" * 64,
+    ],
 )
 def test_invalid_ids_are_refused_before_touching_storage(tmp_path: Path, bad_id: object) -> None:
     source = DirectoryArtifactSource(tmp_path)

@@ -362,7 +362,7 @@ def test_request_without_a_cache_is_a_configuration_error() -> None:
     [{"num_seeds": 0}, {"blend_steps": 0}, {"max_retries": -1}, {"retry_backoff_steps": 0}],
 )
 def test_invalid_seed_settings(settings: dict[str, int]) -> None:
-    with pytest.raises(ConfigurationError, match="invalid seed settings"):
+    with pytest.raises(ConfigurationError, match=next(iter(settings))):
         KasminaLayer(nn.Linear(2, 2), **settings)  # type: ignore[arg-type]
 
 

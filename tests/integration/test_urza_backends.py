@@ -283,7 +283,7 @@ def test_unknown_kernels_and_bad_puts(backend: Backend) -> None:
     with pytest.raises(ArtifactIntegrityError, match="size_bytes=2000"):
         library.put_kernel(artifact[:-1], metadata)
     with pytest.raises(ArtifactIntegrityError, match=metadata.kernel_id):
-        library.put_kernel(b"\0" + artifact[1:], metadata)
+        library.put_kernel(bytes([artifact[0] ^ 0x01]) + artifact[1:], metadata)  # always differs
     with pytest.raises(KernelNotFoundError):
         library.get_kernel_metadata(metadata.kernel_id)
 

@@ -1,5 +1,7 @@
 """Imports flow one way: contracts <- blueprints <- execution <- core; urza and oona import only
-contracts (and errors); tezzeret, tamiyo, tolaria and cli may import everything.
+contracts (and errors); tasks (datasets, hosts, evaluation) only contracts; tezzeret builds on
+blueprints, urza and oona; tamiyo on everything below it but never tolaria or cli (and its runtime
+never imports its offline learning, ``tamiyo.learning``); tolaria on everything but cli.
 
 Every module under ``src/esper`` is parsed with ``ast``; every import (top level or inside a
 function, absolute or relative) of an ``esper`` module is checked against the allowed set.
@@ -23,8 +25,13 @@ ALLOWED: dict[str, set[str]] = {
     "core": {"contracts", "errors", "blueprints", "execution", "core"},
     "urza": {"contracts", "errors", "urza"},
     "oona": {"contracts", "errors", "oona"},
+    "tasks": {"contracts", "errors", "tasks"},
+    "tezzeret": {"contracts", "errors", "blueprints", "urza", "oona", "tezzeret"},
 }
-UNRESTRICTED = {"tezzeret", "tamiyo", "tolaria", "cli", "__init__"}
+_BELOW_TAMIYO = {"contracts", "errors", "blueprints", "execution", "core", "urza", "oona"}
+ALLOWED["tamiyo"] = _BELOW_TAMIYO | {"tezzeret", "tasks", "tamiyo"}
+ALLOWED["tolaria"] = ALLOWED["tamiyo"] | {"tolaria"}
+UNRESTRICTED = {"cli", "__init__"}
 """``__init__``: the top-level ``esper`` package, which re-exports the public API."""
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -89,6 +96,18 @@ def test_imports_flow_one_way(path: Path) -> None:
     ]
 
     assert violations == [], f"{module} ({component}) may import only {sorted(allowed)}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in MODULES if _module_name(p).startswith("esper.tamiyo.")
+     and not _module_name(p).startswith("esper.tamiyo.learning")],
+    ids=lambda p: str(p.relative_to(SRC)),
+)  # fmt: skip
+def test_tamiyos_runtime_never_imports_its_offline_learning(path: Path) -> None:
+    found = imported_esper_modules(path.read_text(), _module_name(path))
+
+    assert [n for _, n in found if n.startswith("esper.tamiyo.learning")] == []
 
 
 def test_the_checker_sees_relative_lazy_and_package_imports() -> None:

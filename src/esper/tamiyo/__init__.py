@@ -4,10 +4,11 @@ Runtime: :class:`HealthCollector` (smoothed per-layer health from ``telemetry.he
 :class:`SafetyGates` (every refusal names its gate), :class:`TamiyoController` (health -> layer
 graph -> policy -> gates -> decisions on Oona; synchronous or a 100 ms autonomous loop, also as
 ``esper tamiyo serve``). Policies: the baselines (:class:`RandomPolicy`, :class:`RoundRobinPolicy`,
-:class:`BottleneckPolicy`) and the GNN policy (:class:`GNNPolicy`). Learning: PPO and A2C trainers.
+:class:`BottleneckPolicy`) and the GNN policy (:class:`GNNPolicy`). Offline learning (episodes, PPO and A2C trainers) is
+:mod:`esper.tamiyo.learning`, which the runtime never imports.
 
-Importing this package does not import ``torch_geometric``: the GNN policy and the trainers are
-imported on first use of their names.
+Importing this package does not import ``torch_geometric``: the GNN policy is imported on first use
+of its names.
 """
 
 from __future__ import annotations
@@ -52,18 +53,12 @@ from esper.tamiyo.observation import (
 from esper.tamiyo.safety import GATES, GateVerdict, Proposal, SafetyConfig, SafetyGates
 
 if TYPE_CHECKING:
-    from esper.tamiyo.a2c import A2CConfig, A2CTrainer
     from esper.tamiyo.policy import GNNPolicy, GNNPolicyConfig, load_gnn_policy
-    from esper.tamiyo.ppo import PPOConfig, PPOTrainer
 
 _LAZY: dict[str, str] = {
     "GNNPolicy": "esper.tamiyo.policy",
     "GNNPolicyConfig": "esper.tamiyo.policy",
     "load_gnn_policy": "esper.tamiyo.policy",
-    "PPOConfig": "esper.tamiyo.ppo",
-    "PPOTrainer": "esper.tamiyo.ppo",
-    "A2CConfig": "esper.tamiyo.a2c",
-    "A2CTrainer": "esper.tamiyo.a2c",
 }
 
 __all__ = [
@@ -74,8 +69,6 @@ __all__ = [
     "NODE_FEATURES",
     "PROGRESS_TOPIC",
     "TOPOLOGY_TOPIC",
-    "A2CConfig",
-    "A2CTrainer",
     "BlueprintOption",
     "BottleneckPolicy",
     "CycleResult",
@@ -89,8 +82,6 @@ __all__ = [
     "HealthCollector",
     "LayerGraph",
     "LayerHealthSummary",
-    "PPOConfig",
-    "PPOTrainer",
     "PolicyOutput",
     "Proposal",
     "RandomPolicy",
@@ -109,7 +100,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import the GNN policy and the trainers on first use (they need ``torch_geometric``)."""
+    """Import the GNN policy on first use (it needs ``torch_geometric``)."""
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -168,3 +168,18 @@ class GrowthPolicy(Protocol):
     def act(self, graph: LayerGraph, *, explore: bool = False) -> PolicyOutput:
         """Choose an allowed action for ``graph`` (sample if ``explore``, else the best one)."""
         ...
+
+
+@dataclass(frozen=True)
+class ActionEvaluation:
+    """A policy's view of a batch of (observation, action) pairs, with gradients.
+
+    Attributes:
+        log_prob: ``(B,)`` log-probability of each action.
+        entropy: ``(B,)`` entropy of each action distribution.
+        values: ``(B, E)`` state values from each of E value heads (E = 1 without an ensemble).
+    """
+
+    log_prob: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor

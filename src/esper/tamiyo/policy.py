@@ -46,11 +46,11 @@ from esper.tamiyo.observation import (
     BLUEPRINT_CATALOG,
     GLOBAL_FEATURES,
     NODE_FEATURES,
+    ActionEvaluation,
     GrowthAction,
     LayerGraph,
     PolicyOutput,
 )
-from esper.tamiyo.rollout import ActionEvaluation
 
 FORMAT = "esper.gnn_policy"
 """Key of the policy config in the safetensors header."""

@@ -2,7 +2,7 @@
 
 ``esper train --config configs/digits.yaml`` runs :func:`train` on a :class:`RunConfig` read by
 :func:`load_config`; ``esper report`` is :func:`write_report` and ``esper runs`` is
-:func:`list_runs`. The names are imported on first use, so ``import esper.tolaria.datasets`` stays
+:func:`list_runs`. The names are imported on first use, so ``import esper.tasks.datasets`` stays
 light.
 """
 

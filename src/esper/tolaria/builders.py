@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 
-import esper
-from esper.core import MorphableModel
+from esper.core import MorphableModel, wrap
+from esper.tasks.datasets import TensorSplit, hold_out_validation, load_dataset
+from esper.tasks.hosts import build_host
 from esper.tolaria.config import RunConfig, TrainSection
-from esper.tolaria.datasets import TensorSplit, hold_out_validation, load_dataset
-from esper.tolaria.hosts import build_host
 
 
 def build_data(config: RunConfig) -> tuple[TensorSplit, torch.Tensor, torch.Tensor]:
@@ -38,7 +37,7 @@ def build_model(config: RunConfig, data: TensorSplit, **wrap_options: Any) -> Mo
     )
     seeds = config.seeds
     targets = seeds.target if seeds.target is not None else _default_targets(config)
-    return esper.wrap(
+    return wrap(
         host,
         target_layers=targets,
         seeds_per_layer=seeds.per_layer,

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import esper
 from esper.blueprints import create_artifact
-from esper.contracts import BlueprintSpec, CacheStats, LayerStats
-from esper.core import MorphableModel
+from esper.contracts import BlueprintSpec, CacheStats, LayerStats, SeedState
+from esper.core import MorphableModel, wrap
 from esper.errors import ConfigurationError
 from esper.execution import DirectoryArtifactSource
-from esper.tolaria.datasets import TensorSplit, load_digits_split
+from esper.tasks.datasets import TensorSplit, load_digits_split
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def run_demo(
 
     with tempfile.TemporaryDirectory() as scratch:
         source = DirectoryArtifactSource(artifact_dir or Path(scratch) / "artifacts")
-        model = esper.wrap(
+        model = wrap(
             _host(data, hidden, seed),
             seeds_per_layer=2,
             kernel_source=source,
@@ -180,7 +179,7 @@ def run_demo(
                 on_epoch(record)
         for layer in model.layers.values():
             for seed_idx, state in enumerate(layer.seed_states):
-                if state is esper.SeedState.ACTIVE:
+                if state is SeedState.ACTIVE:
                     layer.fossilize(seed_idx)
         stats = model.stats()
         result.accuracy_after = _accuracy(model, data)

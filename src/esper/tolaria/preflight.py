@@ -16,10 +16,10 @@ import torch
 
 from esper.errors import ConfigurationError
 from esper.tamiyo.observation import GrowthPolicy
+from esper.tasks.datasets import TensorSplit
 from esper.tolaria.builders import build_data, build_model
 from esper.tolaria.checkpoint import Checkpoint, load_resume_checkpoint
 from esper.tolaria.config import RunConfig
-from esper.tolaria.datasets import TensorSplit
 from esper.tolaria.growth import load_run_policy
 from esper.tolaria.resume import ResumePlan
 from esper.tolaria.run_folder import check_writable_folder

@@ -45,12 +45,12 @@ from esper.contracts import SeedState
 from esper.core import MorphableModel
 from esper.core.lockstep import LockstepGrowth, broadcast_json
 from esper.errors import ConfigurationError
+from esper.tasks.evaluation import evaluate, score_name, task_loss
 from esper.tolaria.bounded_input import clip
 from esper.tolaria.builders import build_model, build_optimizer
 from esper.tolaria.checkpoint import capture, restore_optimizer, restore_rng, save_checkpoint
 from esper.tolaria.config import RunConfig
 from esper.tolaria.distributed import RankContext
-from esper.tolaria.evaluation import evaluate, score_name, task_loss
 from esper.tolaria.growth import GrowthDriver, build_growth
 from esper.tolaria.metrics import MetricsLog
 from esper.tolaria.preflight import PreparedRun, prepare_run

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from esper.errors import ConfigurationError
-from esper.tamiyo.rollout import (
+from esper.tamiyo.learning.rollout import (
     RolloutBuffer,
     TrainablePolicy,
     clip_gradients,

@@ -3,7 +3,7 @@
 One episode (:func:`run_episode`)::
 
     instance = task.sample(seed)                      # host, data, known bottleneck (if any)
-    model = esper.wrap(host, kernel_source=InMemoryArtifactSource())
+    model = wrap(host, kernel_source=InMemoryArtifactSource())
     for step in 1..total:
         train one minibatch; model.step()
         every telemetry_every steps: HealthCollector.ingest(model.collect_telemetry())
@@ -30,18 +30,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import esper
 from esper.blueprints import create_artifact
 from esper.contracts import SeedState
-from esper.core import MorphableModel
+from esper.core import MorphableModel, wrap
 from esper.errors import ConfigurationError
 from esper.execution import InMemoryArtifactSource
 from esper.tamiyo.graph import GlobalState, build_layer_graph
-from esper.tamiyo.growth_tasks import GrowthTask, TaskInstance
 from esper.tamiyo.health import HealthCollector
+from esper.tamiyo.learning.growth_tasks import GrowthTask, TaskInstance
+from esper.tamiyo.learning.rollout import Transition
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph
 from esper.tamiyo.reward import AdaptationOutcome, Reward, RewardWeights, compute_reward
-from esper.tamiyo.rollout import Transition
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ def run_episode(
     started = time.perf_counter()
     instance = task.sample(seed)
     source = InMemoryArtifactSource()
-    model = esper.wrap(
+    model = wrap(
         instance.host,
         target_layers=nn.Linear,
         seeds_per_layer=cfg.seeds_per_layer,

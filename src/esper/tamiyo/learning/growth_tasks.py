@@ -188,7 +188,7 @@ class DigitsTask:
 
     def sample(self, seed: int) -> TaskInstance:
         """A shuffled split and a freshly initialised MLP for episode ``seed``."""
-        from esper.tolaria.datasets import load_digits_split
+        from esper.tasks.datasets import load_digits_split
 
         split = load_digits_split(seed=seed)
         with torch.random.fork_rng(devices=[]):
@@ -214,7 +214,7 @@ class MNIST1DTask:
 
     def sample(self, seed: int) -> TaskInstance:
         """The dataset (fixed) and a freshly initialised MLP for episode ``seed``."""
-        from esper.tolaria.datasets import load_mnist1d_split
+        from esper.tasks.datasets import load_mnist1d_split
 
         split = load_mnist1d_split(num_samples=self.num_samples)
         with torch.random.fork_rng(devices=[]):

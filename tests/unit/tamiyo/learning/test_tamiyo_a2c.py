@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from esper.tamiyo.a2c import A2CConfig, A2CTrainer, a2c_losses
+from esper.tamiyo.learning.a2c import A2CConfig, A2CTrainer, a2c_losses
+from esper.tamiyo.learning.rollout import ActionEvaluation, RolloutBuffer, Transition
 from esper.tamiyo.observation import (
     BLUEPRINT_CATALOG,
     GLOBAL_FEATURES,
@@ -18,7 +19,6 @@ from esper.tamiyo.observation import (
     LayerGraph,
 )
 from esper.tamiyo.policy import GNNPolicy, GNNPolicyConfig
-from esper.tamiyo.rollout import ActionEvaluation, RolloutBuffer, Transition
 
 K = len(BLUEPRINT_CATALOG)
 

@@ -10,6 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from esper.tamiyo.learning.ppo import PPOConfig, PPOTrainer, ppo_losses
+from esper.tamiyo.learning.rollout import (
+    ActionEvaluation,
+    RolloutBuffer,
+    Transition,
+    compute_gae,
+    explained_variance,
+)
 from esper.tamiyo.observation import (
     BLUEPRINT_CATALOG,
     GLOBAL_FEATURES,
@@ -18,14 +26,6 @@ from esper.tamiyo.observation import (
     LayerGraph,
 )
 from esper.tamiyo.policy import GNNPolicy, GNNPolicyConfig
-from esper.tamiyo.ppo import PPOConfig, PPOTrainer, ppo_losses
-from esper.tamiyo.rollout import (
-    ActionEvaluation,
-    RolloutBuffer,
-    Transition,
-    compute_gae,
-    explained_variance,
-)
 
 K = len(BLUEPRINT_CATALOG)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.tamiyo.rollout import (
+from esper.tamiyo.learning.rollout import (
     RolloutBuffer,
     TrainablePolicy,
     clip_gradients,

@@ -15,22 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from esper.tamiyo.observation import LayerGraph, PolicyOutput
-
-
-@dataclass(frozen=True)
-class ActionEvaluation:
-    """A policy's view of a batch of (observation, action) pairs, with gradients.
-
-    Attributes:
-        log_prob: ``(B,)`` log-probability of each action.
-        entropy: ``(B,)`` entropy of each action distribution.
-        values: ``(B, E)`` state values from each of E value heads (E = 1 without an ensemble).
-    """
-
-    log_prob: torch.Tensor
-    entropy: torch.Tensor
-    values: torch.Tensor
+from esper.tamiyo.observation import ActionEvaluation, LayerGraph, PolicyOutput
 
 
 class TrainablePolicy(Protocol):

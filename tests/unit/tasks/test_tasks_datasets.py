@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from esper.errors import ConfigurationError
-from esper.tolaria.datasets import (
+from esper.tasks.datasets import (
     load_dataset,
     load_digits_split,
     load_mnist1d_split,

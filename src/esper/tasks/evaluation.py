@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from esper.tolaria.datasets import TensorSplit
+from esper.tasks.datasets import TensorSplit
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, *, regression: bool) -> torch.Tensor:

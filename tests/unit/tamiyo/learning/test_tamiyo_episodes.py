@@ -11,8 +11,8 @@ import torch
 
 from esper.errors import ConfigurationError
 from esper.tamiyo.baselines import RandomPolicy
-from esper.tamiyo.episodes import EpisodeConfig, run_episode
-from esper.tamiyo.growth_tasks import BottleneckTask, DigitsTask, MNIST1DTask
+from esper.tamiyo.learning.episodes import EpisodeConfig, run_episode
+from esper.tamiyo.learning.growth_tasks import BottleneckTask, DigitsTask, MNIST1DTask
 from esper.tamiyo.observation import (
     BLUEPRINT_CATALOG,
     NODE_FEATURES,

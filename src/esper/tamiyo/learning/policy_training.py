@@ -10,7 +10,7 @@ The whole loop, readable top to bottom in :func:`train_policy`::
 
 Regenerate the shipped policy (``esper/tamiyo/pretrained/bottleneck_gnn.safetensors``)::
 
-    python -m esper.tamiyo.policy_training --out src/esper/tamiyo/pretrained
+    python -m esper.tamiyo.learning.policy_training --out src/esper/tamiyo/pretrained
 
 It is deterministic on one machine: same config and seed, same weights.
 """
@@ -29,21 +29,21 @@ from typing import Any, Literal
 
 import torch
 
-from esper.tamiyo.a2c import A2CConfig, A2CStats, A2CTrainer
-from esper.tamiyo.episodes import EpisodeConfig, EpisodeResult, run_episode
-from esper.tamiyo.growth_tasks import BottleneckTask, GrowthTask
+from esper.tamiyo.learning.a2c import A2CConfig, A2CStats, A2CTrainer
+from esper.tamiyo.learning.episodes import EpisodeConfig, EpisodeResult, run_episode
+from esper.tamiyo.learning.growth_tasks import BottleneckTask, GrowthTask
+from esper.tamiyo.learning.ppo import PPOConfig, PPOStats, PPOTrainer
+from esper.tamiyo.learning.rollout import RolloutBuffer
 from esper.tamiyo.observation import GrowthPolicy
 from esper.tamiyo.policy import GNNPolicy, GNNPolicyConfig
-from esper.tamiyo.ppo import PPOConfig, PPOStats, PPOTrainer
 from esper.tamiyo.reward import ComponentCorrelation, RewardWeights, correlate_components
-from esper.tamiyo.rollout import RolloutBuffer
 
 logger = logging.getLogger(__name__)
 
 HELD_OUT_SEEDS = range(1_000_000, 1_000_000 + 10_000)
 """Episode seeds reserved for evaluation; training never draws from them."""
 
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).parents[1] / "pretrained"
 """Where the shipped policy lives."""
 
 BUDGETED_REWARD = RewardWeights(parameter_efficiency=0.02, compute_cost=0.01, memory_cost=0.01)

@@ -201,5 +201,5 @@ def load_dataset(name: str, *, seed: int = 0, **options: Any) -> TensorSplit:
         return loaders[name]()
     except TypeError as exc:
         raise ConfigurationError(
-            f"dataset {name!r} got an unknown option ({exc}); see esper.tolaria.datasets"
+            f"dataset {name!r} got an unknown option ({exc}); see esper.tasks.datasets"
         ) from exc

@@ -3,7 +3,7 @@ synthetic tasks, beats the random and round-robin baselines at equal parameter b
 reproduced by retraining with the same seed.
 
 The shipped policy (``esper/tamiyo/pretrained/bottleneck_gnn.safetensors``) was produced by
-``python -m esper.tamiyo.policy_training`` (PPO on :class:`BottleneckTask` growth episodes); its
+``python -m esper.tamiyo.learning.policy_training`` (PPO on :class:`BottleneckTask` growth episodes); its
 JSON record next to it says how it was trained and what it scored.
 """
 
@@ -15,10 +15,9 @@ import pytest
 import torch
 
 from esper.tamiyo.baselines import RandomPolicy, RoundRobinPolicy
-from esper.tamiyo.episodes import EpisodeConfig
-from esper.tamiyo.growth_tasks import BottleneckTask
-from esper.tamiyo.policy import GNNPolicy, load_gnn_policy
-from esper.tamiyo.policy_training import (
+from esper.tamiyo.learning.episodes import EpisodeConfig
+from esper.tamiyo.learning.growth_tasks import BottleneckTask
+from esper.tamiyo.learning.policy_training import (
     HELD_OUT_SEEDS,
     PRETRAINED_DIR,
     PRETRAINED_NAME,
@@ -27,6 +26,7 @@ from esper.tamiyo.policy_training import (
     reward_correlations,
     train_policy,
 )
+from esper.tamiyo.policy import GNNPolicy, load_gnn_policy
 
 WEIGHTS = PRETRAINED_DIR / f"{PRETRAINED_NAME}.safetensors"
 RECORD = PRETRAINED_DIR / f"{PRETRAINED_NAME}.json"

@@ -8,7 +8,7 @@ from torch import nn
 
 import esper
 from esper.errors import ConfigurationError
-from esper.tolaria.hosts import ConvNet, TinyTransformer, build_host, build_mlp
+from esper.tasks.hosts import ConvNet, TinyTransformer, build_host, build_mlp
 
 
 def _count(module: nn.Module) -> int:

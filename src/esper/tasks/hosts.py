@@ -1,6 +1,6 @@
 """Host models: the small networks a run starts from (MLP, CNN, transformer).
 
-Every host reads flat examples ``(B, F)`` — the layout of :class:`~esper.tolaria.datasets.TensorSplit`
+Every host reads flat examples ``(B, F)`` — the layout of :class:`~esper.tasks.datasets.TensorSplit`
 — and returns ``(B, num_outputs)``; convolutional and sequence hosts reshape the features
 themselves. Layers carry readable names (``fc1``, ``conv1``, ``blocks.0.ff1``…), which is what a
 run's ``seeds.target`` selects and what the report shows.

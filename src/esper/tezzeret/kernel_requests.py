@@ -162,11 +162,11 @@ def wait_for_kernel(
     )
 
 
-def jobs_in_flight(library: ArtifactLibrary) -> int:
-    """Compile jobs queued, or claimed by a worker whose lease is still live (a claim whose
-    lease lapsed belongs to a dead worker)."""
+def jobs_in_flight(library: ArtifactLibrary, *, now: float | None = None) -> int:
+    """Compile jobs queued, or claimed by a worker whose lease is still live at ``now`` (default:
+    the current time; a claim whose lease lapsed belongs to a dead worker)."""
     queued = library.stats().jobs_by_status[CompileJobStatus.QUEUED]
-    now = time.time()
+    now = time.time() if now is None else now
     claimed = sum(
         1
         for job in library.list_jobs(CompileJobStatus.CLAIMED)

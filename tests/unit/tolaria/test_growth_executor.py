@@ -8,6 +8,7 @@ thread) compiles into it."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -208,6 +209,24 @@ def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
     assert progress[-1].step == outcomes[-1].step
     assert progress[-1].kernel_parameters == kernel_params  # counted on graft, not by a walk
     assert progress[0].kernel_parameters == 0
+
+
+def test_a_graft_judged_on_non_finite_validation_losses_is_rewarded_and_training_goes_on(
+    library: ArtifactLibrary,
+) -> None:
+    """A model whose validation loss is NaN at the graft and after it (it diverged): the reward
+    says so with a finite penalty; judging the graft used to raise and stop the run."""
+    run = _run(library, evaluate=lambda: {"loss": math.nan, "accuracy": 0.5})
+    run.executor.submit(_germinate())
+
+    outcomes = run.until(lambda o: bool(o.rewards))
+    outcomes += [run.step() for _ in range(3)]  # and training goes on
+    run.close()
+
+    (report,) = [r for o in outcomes for r in o.rewards]
+    assert math.isfinite(report.total)
+    assert report.components["loss_improvement"] == -10.0  # the diverged-loss penalty
+    assert report.components["accuracy_improvement"] == 0.0
 
 
 def test_a_decision_is_applied_once_however_often_it_arrives(library: ArtifactLibrary) -> None:

@@ -30,6 +30,7 @@ from esper.contracts import (
 from esper.oona import open_bus
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
+from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import UrzaArtifactSource, open_library
 from servers import free_port, start_redis_server
@@ -71,13 +72,13 @@ def test_decisions_survive_a_redis_restart_and_duplicates_are_ignored(tmp_path: 
         blend_steps=3,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.attach_optimizer(optimizer)
+    worker = CompileWorker.start("thread", library)
     executor = GrowthExecutor(
         model,
         run_id="delivery",
         library=library,
         bus=training_bus,
-        optimizer=optimizer,
-        compile_worker=True,
         safety=SafetyGates(SafetyConfig(max_parameter_fraction=10.0)),  # 816 + 676 on 212
         evaluation_steps=5,
     )
@@ -113,6 +114,7 @@ def test_decisions_survive_a_redis_restart_and_duplicates_are_ignored(tmp_path: 
         train_until(lambda: executor.counters["duplicates"] >= 1)
     finally:
         executor.close()
+        worker.stop()
         training_bus.close()
         controller_bus.close()
         server.send_signal(signal.SIGTERM)

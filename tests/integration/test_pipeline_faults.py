@@ -35,6 +35,7 @@ from esper.contracts import (
 from esper.errors import KernelLoadError
 from esper.oona import InProcessBus, OonaTelemetrySink, open_bus
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
+from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import HttpUrza, ServiceProcess, UrzaArtifactSource, open_library
 from servers import free_port, start_redis_server
@@ -163,18 +164,18 @@ def test_a_refused_artifact_fails_its_job_once_and_the_trainer_hears_at_once(
         model = esper.wrap(host, seeds_per_layer=2, kernel_source=UrzaArtifactSource(library))
         assert model.layer("0").target() == target
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        model.attach_optimizer(optimizer)
+        worker = CompileWorker.start("thread", library, bus=bus)
         executor = GrowthExecutor(
             model,
             run_id="faults",
             library=library,
             bus=bus,
-            optimizer=optimizer,
-            compile_worker=True,
             evaluation_steps=5,
             # roomy: the kernel is refused by the library, not by the run's parameter budget
             safety=SafetyGates(SafetyConfig(max_parameter_fraction=1000.0)),
         )
-        assert executor.worker is not None
+        assert worker.thread is not None
         executor.submit(
             AdaptationDecision(
                 run_id="faults",
@@ -203,8 +204,7 @@ def test_a_refused_artifact_fails_its_job_once_and_the_trainer_hears_at_once(
         (job,) = library.list_jobs(blueprint_id=spec.blueprint_id)
         assert job.status is CompileJobStatus.FAILED and job.attempts == 1
         assert job.error is not None and job.error in refusal.reason
-        worker = executor.worker
-        assert (worker.counters["compiled"], worker.counters["refused"]) == (0, 1)
+        assert (worker.thread.counters["compiled"], worker.thread.counters["refused"]) == (0, 1)
         assert [d.decode(KernelFailed).job_id for d in failures.poll()] == [job.job_id]
 
         layer = model.layer("0")
@@ -218,4 +218,5 @@ def test_a_refused_artifact_fails_its_job_once_and_the_trainer_hears_at_once(
         assert all(torch.isfinite(torch.tensor(losses)))
         assert library.claim_job("another-worker") is None  # nothing will be recompiled
         executor.close()
+        worker.stop()
         library.close()

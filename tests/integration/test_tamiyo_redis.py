@@ -46,6 +46,7 @@ from esper.tamiyo.controller import TamiyoController, model_topology
 from esper.tamiyo.controller_loop import CONTROLLER_TOPICS
 from esper.tamiyo.safety import GATE_PARAMETER_BUDGET, GATES, SafetyConfig, SafetyGates
 from esper.tasks.datasets import load_digits_split
+from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import UrzaArtifactSource, open_library
 
@@ -116,13 +117,13 @@ def test_controller_process_grows_a_training_run_over_redis(bus_url: str, tmp_pa
             "accuracy": float((logits.argmax(1) == data.y_test).float().mean()),
         }
 
+    model.attach_optimizer(optimizer)
+    worker = CompileWorker.start("thread", library, bus=training_bus)
     executor = GrowthExecutor(
         model,
         run_id=RUN_ID,
         library=library,
         bus=training_bus,
-        optimizer=optimizer,
-        compile_worker=True,
         safety=SafetyGates(SafetyConfig(loss_spike_tolerance=0.5, max_parameter_fraction=2.5)),
         evaluation_steps=30,
         evaluate=evaluate,
@@ -168,6 +169,7 @@ def test_controller_process_grows_a_training_run_over_redis(bus_url: str, tmp_pa
             controller.send_signal(signal.SIGTERM)
         output = controller.communicate(timeout=30)[0]
         executor.close()
+        worker.stop()
         sink.close()
         training_bus.close()
         library.close()

@@ -56,7 +56,7 @@ from esper.tamiyo.controller_loop import ControllerInbox, ControllerThread
 from esper.tamiyo.graph import GlobalState, GraphStructure, graph_structure, trace_edges
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph, PolicyOutput
-from esper.tamiyo.safety import GATE_LOSS_SPIKE, GATES, GateVerdict, Proposal, SafetyGates
+from esper.tamiyo.safety import GATE_LOSS_SPIKE, GateVerdict, Proposal, SafetyGates
 
 if TYPE_CHECKING:
     from esper.core import MorphableModel
@@ -281,20 +281,12 @@ class TamiyoController:
     def _observe_refusal(self, refusal: DecisionRefusal) -> None:
         if refusal.gate == GATE_LOSS_SPIKE:
             return  # a rolled-back graft: its RewardReport releases the commitment
-        if refusal.decision_id is None and (refusal.gate in GATES or refusal.gate == GATE_MASK):
+        if refusal.decision_id is None:
             return  # a gate's refusal (ours): nothing was committed for it
         # The training side could not apply one of our decisions: its parameters never arrive.
-        for decision_id, (layer, step, _) in list(self._committed.items()):
-            matches = (
-                decision_id == refusal.decision_id
-                if refusal.decision_id is not None
-                else (layer, step) == (refusal.layer_name, refusal.step)  # an older producer
-            )
-            if matches:
-                del self._committed[decision_id]
-                self._reserved.pop(decision_id, None)
-                self.counters["failed_on_training_side"] += 1
-                break
+        if self._committed.pop(refusal.decision_id, None) is not None:
+            self._reserved.pop(refusal.decision_id, None)
+            self.counters["failed_on_training_side"] += 1
 
     def poll_bus(self, *, poll_health: bool = True) -> int:
         """Receive, handle and acknowledge what the training side published; return the count.

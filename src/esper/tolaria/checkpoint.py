@@ -21,6 +21,8 @@ Restoring the optimizer needs care: a fresh ``esper.wrap`` + ``load_state_dict``
 kernels in model order, and :meth:`~esper.core.MorphableModel.attach_optimizer` adds one parameter
 group per graft in that order, while the original run added them in graft-time order.
 :func:`restore_optimizer` reorders the groups to the saved order before loading the state.
+:func:`restore_run` is the one call a resumed run makes: model, optimizer, random streams,
+growth state and metrics log put back where the checkpoint left them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ from esper.core import MorphableModel
 from esper.core.optimizer_state import load_optimizer_state_dict, optimizer_group_tags
 from esper.errors import ConfigurationError, EsperError
 from esper.tolaria.bounded_input import clip
+from esper.tolaria.metrics import MetricsLog
 from esper.tolaria.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -379,3 +382,63 @@ def restore_rng(checkpoint: Checkpoint, data_generator: torch.Generator) -> None
     random.setstate((int(version), tuple(int(k) for k in internal), gauss))
     name, keys, pos, has_gauss, cached = checkpoint.numpy_rng
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class Restorable(Protocol):
+    """State that goes into a checkpoint as JSON (the growth driver)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a (possibly resumed) run continues from."""
+
+    epoch: int
+    """The last epoch trained (0: a new run, or one stopped before its first checkpoint)."""
+    wall_seconds: float = 0.0
+    """Wall time the run had spent before."""
+
+
+def restore_run(
+    checkpoint: Checkpoint | None,
+    *,
+    resumed: bool,
+    model: MorphableModel,
+    optimizer: torch.optim.Optimizer,
+    data_generator: torch.Generator,
+    metrics: MetricsLog,
+    growth: Restorable | None = None,
+) -> ResumePoint:
+    """Put a run back where ``checkpoint`` left it: the model (a fresh wrap re-grafts the
+    checkpoint's kernels, which re-adds their optimizer groups), the optimizer, torch's,
+    Python's, NumPy's and the data order's random streams, the growth state, and the metrics
+    log cut back to the checkpoint's position.
+
+    Args:
+        checkpoint: the checkpoint to continue from (``None``: start from the beginning).
+        resumed: the run is a resumed one; without a checkpoint (it was stopped before its
+            first), its metrics log is emptied: it starts over.
+        model: the freshly built model.
+        optimizer: its optimizer.
+        data_generator: the generator of the data order.
+        metrics: the run's metrics log.
+        growth: the growth driver, if the run grows.
+
+    Returns:
+        The epoch to continue after, and the wall time spent before.
+    """
+    if checkpoint is None:
+        if resumed:
+            metrics.truncate(0)  # interrupted before its first checkpoint: start over
+        return ResumePoint(epoch=0)
+    model.load_state_dict(checkpoint.model)
+    restore_optimizer(optimizer, checkpoint)
+    restore_rng(checkpoint, data_generator)
+    if growth is not None:
+        growth.load_state_dict(checkpoint.growth)
+    metrics.truncate(checkpoint.metrics_position)
+    logger.info("resumed from epoch %d (step %d)", checkpoint.epoch, checkpoint.step)
+    return ResumePoint(
+        epoch=checkpoint.epoch, wall_seconds=float(checkpoint.extra.get("wall_seconds", 0.0))
+    )

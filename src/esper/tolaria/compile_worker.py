@@ -1,67 +1,98 @@
-"""Compile monitor: counts a run's compile jobs in flight, off the training thread.
+"""Compile worker: the one owner of a run's Tezzeret worker (started with the run, stopped with it).
 
-(The worker process itself is :class:`esper.tezzeret.TezzeretProcess`.)
+Which worker compiles a run's kernels is ``urza.worker``:
+
+* ``process``: ``esper tezzeret worker`` as a child process (:class:`~esper.tezzeret.
+  TezzeretProcess`) on the run's library; compiles never compete with training for the
+  interpreter lock. Started before the data and the model are built, so its start-up overlaps
+  the run's own.
+* ``thread``: a :class:`~esper.tezzeret.TezzeretWorker` thread in the training process (ready
+  sooner; a compile slows the steps it overlaps). It announces ``kernel.ready`` on the bus.
+* ``none``: external workers (``esper tezzeret worker``) compile into the shared library.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
+from pathlib import Path
+from typing import Literal
 
-from esper.contracts import CompileJobStatus
+from esper.errors import ConfigurationError
+from esper.oona import MessageBus
+from esper.tezzeret import TezzeretProcess, TezzeretWorker, library_location
 from esper.urza import ArtifactLibrary
 
 logger = logging.getLogger(__name__)
 
+WorkerMode = Literal["process", "thread", "none"]
+"""Who compiles (``urza.worker``)."""
 
-class CompileMonitor:
-    """Counts the library's compile jobs that are queued or claimed (with a live lease) every
-    ``interval_s`` on a daemon thread; the training thread only reads :attr:`in_flight`.
+
+class CompileWorker:
+    """A running Tezzeret worker (or none), stopped by :meth:`stop`.
+
+    Build it with :meth:`start`.
 
     Args:
-        library: the run's Urza library.
-        interval_s: how often to count.
+        mode: which kind it is.
+        thread: the worker thread (``mode="thread"``).
+        process: the worker process (``mode="process"``).
     """
 
-    def __init__(self, library: ArtifactLibrary, *, interval_s: float = 0.1) -> None:
-        self.library = library
-        self.interval_s = interval_s
-        self.in_flight = 0
-        """Compile jobs queued or being compiled, as of the last count."""
-        self.errors = 0
-        self._as_of = 0.0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="compile-monitor", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.refresh()
-            self._stop.wait(self.interval_s)
-
-    def refresh(self) -> None:
-        """Count now (a count that started earlier and finishes later is then discarded)."""
-        started = time.monotonic()
-        try:
-            queued = self.library.stats().jobs_by_status[CompileJobStatus.QUEUED]
-            now = time.time()
-            claimed = sum(  # a claim whose lease lapsed belongs to a dead worker
-                1
-                for job in self.library.list_jobs(CompileJobStatus.CLAIMED)
-                if job.lease_expires_at is None or job.lease_expires_at > now
+    def __init__(
+        self,
+        mode: WorkerMode,
+        *,
+        thread: TezzeretWorker | None = None,
+        process: TezzeretProcess | None = None,
+    ) -> None:
+        held = {"thread": (True, False), "process": (False, True), "none": (False, False)}
+        if held.get(mode) != (thread is not None, process is not None):
+            raise ConfigurationError(
+                f"a {mode!r} compile worker got thread={thread!r}, process={process!r}; build "
+                "it with CompileWorker.start(mode, library)"
             )
-        except Exception as exc:  # the library being away must never matter to training
-            self.errors += 1
-            logger.debug("compile monitor: %s", exc)
-            return
-        with self._lock:
-            if started >= self._as_of:
-                self._as_of = started
-                self.in_flight = queued + claimed
+        self.mode = mode
+        self.thread = thread
+        self.process = process
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop counting."""
-        self._stop.set()
-        self._thread.join(timeout)
+    @classmethod
+    def start(
+        cls,
+        mode: WorkerMode,
+        library: ArtifactLibrary,
+        *,
+        bus: MessageBus | None = None,
+        location: list[str] | None = None,
+        log_path: Path | None = None,
+    ) -> CompileWorker:
+        """Start a worker compiling the jobs queued in ``library``.
+
+        Args:
+            mode: ``process``, ``thread`` or ``none``.
+            library: the run's library.
+            bus: where a worker thread announces ``kernel.ready``.
+            location: the ``esper`` options naming the library for a worker process (default:
+                :func:`~esper.tezzeret.library_location` of ``library``).
+            log_path: where a worker process writes its output.
+
+        Raises:
+            ConfigurationError: an unknown mode, or a library another process cannot open.
+        """
+        if mode == "thread":
+            return cls(mode, thread=TezzeretWorker(library, bus).start())
+        if mode == "process":
+            where = location if location is not None else library_location(library)
+            return cls(mode, process=TezzeretProcess(where, log_path=log_path))
+        if mode == "none":
+            return cls(mode)
+        raise ConfigurationError(
+            f"unknown compile worker {mode!r}: use 'process', 'thread' or 'none'"
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker (a process is asked with SIGTERM, then killed)."""
+        if self.thread is not None:
+            self.thread.stop(timeout)
+        if self.process is not None:
+            self.process.stop(timeout)

@@ -1,70 +1,70 @@
-"""Growth wiring: the Tamiyo controller, the growth executor, Urza, Tezzeret and Oona of one run.
+"""Growth driver: the growth path of one run, as the run loop calls it at each step boundary.
 
-:func:`build_growth` turns a run config's ``growth`` and ``urza`` sections into a
-:class:`GrowthDriver`, which the run loop (:mod:`esper.tolaria.trainer`) calls at fixed places:
+:meth:`GrowthDriver.build` puts together, for a wrapped model and the run's
+:class:`~esper.tolaria.growth_services.GrowthServices` (library, bus, compile worker):
 
-* ``graftable(step)`` before ``model.step``: which finished kernel loads may join now;
-* ``after_step(step, loss)`` after it: the executor applies decisions (compile in the background,
-  load, graft, evaluate, reward, fossilize or cull);
-* ``observe_telemetry(step, signals)`` every ``growth.telemetry_every`` steps;
-* ``decide(step)`` every ``growth.decide_every`` steps: the controller decides synchronously.
+* the run's safety gates (``growth`` section limits),
+* a :class:`~esper.tolaria.controller_link.ControllerLink`, where decisions come from (by
+  default the inline Tamiyo controller),
+* the :class:`~esper.tolaria.growth_executor.GrowthExecutor`, which applies them (compile in the
+  background, load, graft, evaluate, reward, fossilize or cull),
 
-Everything runs in process and deterministically by default: the controller is called
-synchronously at fixed step intervals (no thread), its decisions are handed to the executor
-directly (and also published on the bus for observers), and the executor grafts each kernel
-exactly ``growth.graft_delay`` steps after its decision, waiting at that boundary only if the
-background compile has not finished by then (counted as ``executor.stall_ms``). The run's growth
-events are then a function of the step alone, which is what makes ``--resume`` exact.
+and the run loop (:mod:`esper.tolaria.trainer`) calls it at fixed places: ``graftable(step)``
+before ``model.step`` (which finished kernel loads may join now) and ``after_step(step, loss,
+replica)`` after it, which advances the executor, reports outcomes and telemetry to the
+controller link and applies the decisions it returns. Results come back as metric events
+(:mod:`esper.tolaria.growth_events`).
 
-Compiles run in a Tezzeret worker process started before the data and the model are built
-(``urza.worker: process``, the default: no contention with training for the interpreter lock) or
-in a worker thread (``thread``). Every compatible catalog blueprint is
-queued for every seeded layer before training starts (``growth.precompile``) and, with
-``growth.warm_start``, the run waits for them before step 1, so a germination never waits for a
-cold compiler at its due boundary. A monitor thread counts the compile jobs in flight, which
-marks the steps that ran during compiles in the metrics.
+**Why growth is a function of the step** (the one place this is explained; the executor, the
+trainer and the checkpoints rely on it):
+
+* decisions are synchronous and happen at fixed steps: the inline controller is called on the
+  training thread every ``growth.decide_every`` steps inside the growth window (no thread, no
+  timing), and its decisions are handed to the executor directly (they are also published on
+  the bus for observers);
+* a kernel is grafted exactly ``growth.graft_delay`` steps after its decision: the compile and
+  the load run in the background meanwhile, and the loop waits at the due boundary only if they
+  have not finished by then (counted as ``executor.stall_ms``);
+* kernels are built from private random generators, so background compiles and loads never
+  draw from torch's global RNG (which the checkpoint saves and restores with the data order).
+
+A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit (weights,
+optimizer state, decisions, metrics except timings). ``growth.graft_delay: null`` (graft as soon
+as loaded) gives that up; so does a controller in another process.
+
+Compiles run in the run's compile worker (:mod:`esper.tolaria.compile_worker`). Every compatible
+catalog blueprint is queued for every seeded layer when the driver is built
+(``growth.precompile``) and, with ``growth.warm_start``, :meth:`GrowthDriver.warm_up` waits for
+them before step 1, so a germination never waits for a cold compiler at its due boundary.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import esper.tamiyo
-from esper.blueprints import is_compatible
-from esper.contracts import (
-    AdaptationDecision,
-    BlueprintSpec,
-    CompileJobStatus,
-    DecisionRefusal,
-    HealthSignal,
-    RewardReport,
-)
 from esper.core import MorphableModel
-from esper.core.lockstep import LockstepGrowth
 from esper.errors import ConfigurationError
-from esper.execution.grafted_kernel import GraftedKernel
-from esper.oona import MessageBus, open_bus
 from esper.tamiyo.baselines import BASELINE_NAMES
-from esper.tamiyo.controller import TamiyoController, load_policy
-from esper.tamiyo.health import HealthCollector
-from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy
+from esper.tamiyo.controller import load_policy
+from esper.tamiyo.observation import GrowthPolicy
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
-from esper.tezzeret import TezzeretProcess, find_or_enqueue
 from esper.tolaria.bounded_input import excerpt
-from esper.tolaria.compile_worker import CompileMonitor
 from esper.tolaria.config import GrowthSection, RunConfig
+from esper.tolaria.controller_link import ControllerLink, InlineController, LinkResult
+from esper.tolaria.distributed import TrainingReplica
+from esper.tolaria.growth_events import (
+    Event,
+    decision_event,
+    graft_event,
+    refusal_event,
+    verdict_events,
+)
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
-from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
-
-logger = logging.getLogger(__name__)
-
-Event = dict[str, Any]
-"""A growth event for the metrics log: ``{"type": "decision" | "graft" | …, "step": …, …}``."""
-
+from esper.tolaria.growth_services import GrowthServices
+from esper.tolaria.warm_up import queue_catalog_compiles, wait_for_compiles
 
 PRETRAINED_POLICY = Path(esper.tamiyo.__file__).parent / "pretrained" / "bottleneck_gnn.safetensors"
 """The GNN policy shipped with Esper (``growth.policy: pretrained``)."""
@@ -92,90 +92,63 @@ def load_run_policy(config: RunConfig) -> GrowthPolicy:
     return load_policy(policy_path(policy), seed=config.run.seed)
 
 
-def blueprint_name(spec: BlueprintSpec | None) -> str | None:
-    """The catalog name of a blueprint (its family if it is not in the catalog)."""
-    if spec is None:
-        return None
-    for option in BLUEPRINT_CATALOG:
-        if option.spec == spec:
-            return option.name
-    return spec.family
-
-
 class GrowthDriver:
     """Owns the growth components of one run and translates their results into metric events.
 
-    A worker process (``urza.worker: process``) is started as soon as the driver is built, before
-    the data and the model, so that its start-up overlaps the run's own.
+    Build it with :meth:`build`. It owns ``services`` from then on.
 
     Args:
-        config: the run config (``growth`` and ``urza`` sections are used).
-        run_id: the run's id (tags every message).
-        library: the Urza library kernels are found in and compiled into.
-        bus: where decisions, refusals and rewards are published for observers.
-        urza_dir: the embedded library's folder (for a worker process).
-        log_dir: where a worker process writes ``tezzeret.log``.
-        policy: the controller's policy (default: loaded from ``growth.policy``).
+        model: the wrapped model (its optimizer attached).
+        services: the run's library, bus and compile worker.
+        controller: where decisions come from.
+        executor: applies them to ``model``.
+        settings: the run's ``growth`` section.
     """
 
     def __init__(
         self,
-        config: RunConfig,
+        model: MorphableModel,
         *,
-        run_id: str,
-        library: ArtifactLibrary,
-        bus: MessageBus,
-        urza_dir: Path | None = None,
-        log_dir: Path | None = None,
-        policy: GrowthPolicy | None = None,
+        services: GrowthServices,
+        controller: ControllerLink,
+        executor: GrowthExecutor,
+        settings: GrowthSection,
     ) -> None:
-        self.settings: GrowthSection = config.growth
-        self.run_id = run_id
-        self.library = library
-        self.bus = bus
-        self.worker_mode = config.urza.worker
-        self.policy = policy if policy is not None else load_run_policy(config)
-        self.total_steps = 0
-        self.safety: SafetyGates | None = None
-        self.controller: TamiyoController | None = None
-        self.executor: GrowthExecutor | None = None
+        self.model = model
+        self.services = services
+        self.controller = controller
+        self.executor = executor
+        self.settings = settings
         self._losses: list[float] = []
         self._decision_seeds: dict[str, int] = {}
         self._queued_jobs: list[str] = []
-        self.worker_process: TezzeretProcess | None = None
-        if self.worker_mode == "process":
-            location = (
-                ["--urza", config.urza.url] if config.urza.url else ["--run-dir", str(urza_dir)]
-            )
-            self.worker_process = TezzeretProcess(
-                location, log_path=(log_dir or Path(".")) / "tezzeret.log"
-            )
-        self.monitor = CompileMonitor(library)
 
-    # -- setup -----------------------------------------------------------------------------------
-
-    def wrap_options(self) -> dict[str, Any]:
-        """Arguments for :func:`esper.wrap`: kernels are fetched from Urza."""
-        return {"kernel_source": UrzaArtifactSource(self.library)}
-
-    def attach(
-        self,
+    @classmethod
+    def build(
+        cls,
+        config: RunConfig,
+        services: GrowthServices,
         model: MorphableModel,
         *,
+        run_id: str,
+        policy: GrowthPolicy,
         total_steps: int,
         validate: Callable[[], Mapping[str, float]] | None = None,
-    ) -> None:
-        """Create the safety gates, the controller and the executor for ``model`` (its optimizer
-        already attached), and queue the precompiles.
+    ) -> GrowthDriver:
+        """The growth path of a run: safety gates, the inline controller, the executor; the
+        precompiles queued (``growth.precompile``).
 
         Args:
-            model: the wrapped model.
+            config: the run config (its ``growth`` section).
+            services: the run's library, bus and compile worker (the driver owns them).
+            model: the wrapped model, its optimizer attached.
+            run_id: the run's id (tags every message).
+            policy: the controller's policy.
             total_steps: the run's length in steps.
             validate: validation loss (and accuracy) of the model now, for rewards.
         """
-        settings = self.settings
-        self.total_steps = total_steps
-        self.safety = SafetyGates(
+        settings = config.growth
+        safety = SafetyGates(
             SafetyConfig(
                 cooldown_steps=settings.cooldown_steps,
                 window_steps=total_steps + 1,  # the rate limit caps the whole run
@@ -185,220 +158,112 @@ class GrowthDriver:
                 loss_spike_tolerance=settings.loss_spike_ratio - 1.0,
             )
         )
-        self.controller = TamiyoController(
-            self.bus,
-            self.policy,
-            run_id=self.run_id,
-            safety=self.safety,
+        controller = InlineController.for_run(
+            settings,
             model=model,
-            collector=HealthCollector(None, run_id=self.run_id),
+            policy=policy,
+            safety=safety,
+            run_id=run_id,
+            bus=services.bus,
             total_steps=total_steps,
         )
-        self.executor = GrowthExecutor(
+        executor = GrowthExecutor(
             model,
-            run_id=self.run_id,
-            library=self.library,
-            bus=self.bus,
-            listen=False,  # decisions are handed over directly: no timing dependence
-            compile_worker=self.worker_mode == "thread",
-            safety=self.safety,
+            run_id=run_id,
+            library=services.library,
+            bus=services.bus,
+            listen=False,  # decisions come from the controller link: no timing dependence
+            safety=safety,
             evaluation_steps=settings.evaluation_steps,
             evaluate=validate,
             graft_delay_steps=settings.graft_delay,
             total_steps=total_steps,
             progress_every_steps=settings.telemetry_every,
         )
+        driver = cls(
+            model, services=services, controller=controller, executor=executor, settings=settings
+        )
         if settings.precompile:
-            self._precompile(model)
-
-    def _precompile(self, model: MorphableModel) -> None:
-        """Queue every compatible catalog blueprint for every seeded layer (before step 1)."""
-        for name in model.layer_names:
-            target = model.layer(name).target()
-            for option in BLUEPRINT_CATALOG:
-                if is_compatible(option.spec, target):
-                    request = find_or_enqueue(self.library, option.spec, target)
-                    if request.job is not None:
-                        self._queued_jobs.append(request.job.job_id)
-        logger.info("queued %d background compiles for %s", len(self._queued_jobs), self.run_id)
+            driver._queued_jobs = queue_catalog_compiles(services.library, model)
+        return driver
 
     def warm_up(
-        self,
-        model: MorphableModel,
-        *,
-        timeout_s: float = 300.0,
-        on_progress: Callable[[int, int], None] | None = None,
+        self, *, timeout_s: float = 300.0, on_progress: Callable[[int, int], None] | None = None
     ) -> float:
-        """Wait, before step 1, until the compiles queued so far have finished (with
-        ``growth.precompile: false``, one warm-up compile is queued for it); return the seconds.
-
-        The first compile of a process pays for ``torch.export``'s start-up (and a worker process
-        for its own); waiting for it here keeps that out of the training steps: no germination
-        then waits at its due boundary for a cold compiler.
-
-        Args:
-            model: the wrapped model.
-            timeout_s: start training anyway after this long.
-            on_progress: called with ``(finished, total)`` compiles whenever the count changes
-                (first with 0 finished).
-        """
-        if not self._queued_jobs:
-            name = model.layer_names[0]
-            target = model.layer(name).target()
-            option = next(o for o in BLUEPRINT_CATALOG if is_compatible(o.spec, target))
-            request = find_or_enqueue(self.library, option.spec, target)
-            if request.job is not None:
-                self._queued_jobs.append(request.job.job_id)
-        started = time.perf_counter()
-        pending = list(self._queued_jobs)
-        total, reported = len(pending), -1
-        while pending and time.perf_counter() - started < timeout_s:
-            if on_progress is not None and total - len(pending) != reported:
-                reported = total - len(pending)
-                on_progress(reported, total)
-            done = {CompileJobStatus.SUCCEEDED, CompileJobStatus.FAILED}
-            pending = [j for j in pending if self.library.get_job(j).status not in done]
-            if pending:
-                time.sleep(0.05)
-        if on_progress is not None:
-            on_progress(total - len(pending), total)
-        waited = time.perf_counter() - started
-        if pending:
-            logger.warning(
-                "%d compile jobs still pending after %.0f s; training starts anyway (is a "
-                "Tezzeret worker running?)",
-                len(pending),
-                waited,
-            )
+        """Wait, before step 1, for the queued compiles (see :mod:`esper.tolaria.warm_up`);
+        return the seconds waited."""
+        waited = wait_for_compiles(
+            self.services.library,
+            self.model,
+            self._queued_jobs,
+            timeout_s=timeout_s,
+            on_progress=on_progress,
+        )
         self._queued_jobs = []
-        self.monitor.refresh()  # step 1 must not see a count from before the compiles finished
+        self.services.monitor.refresh()  # step 1 must not see a count from before the compiles
         return waited
 
     # -- the step boundary -------------------------------------------------------------------------
 
     def graftable(self, step: int) -> dict[str, set[int]] | None:
         """Which finished loads may be grafted at the boundary returning ``step``."""
-        assert self.executor is not None
         return self.executor.graftable(step)
 
-    def after_step(self, step: int, loss: float) -> list[Event]:
-        """Let the executor advance every germination; return what happened as events."""
-        assert self.executor is not None and self.controller is not None
+    def after_step(self, step: int, loss: float, replica: TrainingReplica) -> list[Event]:
+        """Everything growth does after the boundary that returned ``step``, as events.
+
+        The executor advances every germination; its rewards and refusals go to the controller
+        link; every ``growth.telemetry_every`` steps the model's health and the mean loss since
+        the last report do too; then the decisions the link returns (polled on the deciding
+        rank, shared with every rank) go to the executor.
+        """
         self._losses.append(loss)
         outcome = self.executor.on_step(step, loss)
         for report in outcome.rewards:
-            self.controller.observe(report)  # a culled graft starts the layer's long cooldown
+            self.controller.observe_outcome(report)  # a culled graft starts a long cooldown
         for refusal in outcome.refusals:
-            self.controller.observe(refusal)
-        return self._events(outcome)
-
-    def observe_telemetry(self, step: int, signals: list[HealthSignal]) -> None:
-        """Feed a telemetry flush and the recent mean loss to the controller."""
-        assert self.controller is not None and self.executor is not None
-        self.controller.observe_telemetry(signals)
-        loss = sum(self._losses) / len(self._losses) if self._losses else None
-        self._losses = []
-        self.controller.observe_progress(step, loss=loss)
-
-    def is_decision_step(self, step: int) -> bool:
-        """Whether Tamiyo decides at ``step`` (fixed intervals inside the growth window)."""
-        settings = self.settings
-        return (
-            step >= settings.start_step
-            and step % settings.decide_every == 0
-            and step <= settings.stop_fraction * self.total_steps
-        )
-
-    def decide(self, step: int, *, lockstep: LockstepGrowth | None = None) -> list[Event]:
-        """One synchronous controller decision; an accepted one goes to the executor.
-
-        Under ``lockstep`` (a distributed run) the source rank decides and every rank receives
-        its decision, so all replicas apply the same growth.
-        """
-        assert self.controller is not None and self.executor is not None
-        events: list[Event] = []
-        decision = None
-        if lockstep is None or lockstep.rank == lockstep.src:
-            result = self.controller.decide(step)
-            decision = result.decision
-            if decision is None and result.refusal is not None:
-                events.append(_refusal_event(result.refusal))
-        if lockstep is not None:
-            shared = lockstep.broadcast([decision] if decision is not None else [])
-            decision = shared[0] if shared else None
-        if decision is not None:
+            self.controller.observe_outcome(refusal)
+        events = self._outcome_events(outcome)
+        if step % self.settings.telemetry_every == 0:
+            self.controller.observe_telemetry(step, replica.collect_telemetry())
+            mean = sum(self._losses) / len(self._losses) if self._losses else None
+            self._losses = []
+            self.controller.observe_progress(step, mean)
+        result = self.controller.poll(step) if replica.decides else LinkResult()
+        events += [refusal_event(refusal) for refusal in result.refusals]
+        for decision in replica.share_decisions(result.decisions):
             self.executor.submit(decision)
             self._decision_seeds[decision.decision_id] = decision.seed_idx
-            events.append(_decision_event(decision))
+            events.append(decision_event(decision))
         return events
+
+    def _outcome_events(self, outcome: StepOutcome) -> list[Event]:
+        events = [
+            graft_event(self.model, layer, seed, outcome.step) for layer, seed in outcome.grafted
+        ]
+        for report in outcome.rewards:
+            events += verdict_events(
+                report, outcome.step, self._decision_seeds.get(report.decision_id)
+            )
+        return events + [refusal_event(refusal) for refusal in outcome.refusals]
 
     def counters(self) -> dict[str, int]:
         """The controller's and the executor's counters (``executor.stall_ms``: time the loop
         waited at due boundaries for compiles that had not finished)."""
-        counts: dict[str, int] = {}
-        if self.controller is not None:
-            counts.update({f"controller.{k}": int(v) for k, v in self.controller.counters.items()})
-        if self.executor is not None:
-            counts.update({f"executor.{k}": int(v) for k, v in self.executor.counters.items()})
+        controller = self.controller.state_dict().get("counters", {})
+        counts = {f"controller.{k}": int(v) for k, v in controller.items()}
+        counts.update({f"executor.{k}": int(v) for k, v in self.executor.counters.items()})
         return counts
 
     def compiling(self) -> int:
         """Compiles in flight (as last counted by the monitor thread), or germinations whose
         kernel is still being looked up, compiled or prefetched, whichever is larger."""
-        waiting = self.executor.compiling() if self.executor is not None else 0
-        return max(waiting, self.monitor.in_flight)
-
-    # -- events ------------------------------------------------------------------------------------
-
-    def _events(self, outcome: StepOutcome) -> list[Event]:
-        assert self.executor is not None
-        model = self.executor.model
-        events: list[Event] = []
-        for layer, seed in outcome.grafted:
-            kernel = model.layer(layer).kernel(seed)
-            events.append(
-                {
-                    "type": "graft",
-                    "step": outcome.step,
-                    "layer": layer,
-                    "seed": seed,
-                    "kernel_id": model.layer(layer).seed_state.slots[seed].kernel_id,
-                    "blueprint": self._blueprint_of(layer, seed),
-                    "kernel_parameters": sum(p.numel() for p in kernel.parameters())
-                    if kernel is not None
-                    else 0,
-                }
-            )
-        for report in outcome.rewards:
-            events.append(_reward_event(report, outcome.step, self._seed_of(report.decision_id)))
-            outcome_name = str(report.outcome) if report.outcome is not None else "cull"
-            events.append(
-                {
-                    "type": outcome_name,
-                    "step": outcome.step,
-                    "layer": report.layer_name,
-                    "seed": self._seed_of(report.decision_id),
-                    "decision_id": report.decision_id,
-                }
-            )
-        events += [_refusal_event(refusal) for refusal in outcome.refusals]
-        return events
-
-    def _blueprint_of(self, layer: str, seed: int) -> str | None:
-        assert self.executor is not None
-        grafted = self.executor.model.layer(layer).seeds[str(seed)]
-        return (
-            blueprint_name(grafted.blueprint()[0]) if isinstance(grafted, GraftedKernel) else None
-        )
-
-    def _seed_of(self, decision_id: str) -> int | None:
-        return self._decision_seeds.get(decision_id)
+        return max(self.executor.compiling(), self.services.monitor.in_flight)
 
     # -- checkpoints and shutdown ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Controller (with safety gates and policy) and executor state, plain JSON."""
-        assert self.controller is not None and self.executor is not None
         return {
             "controller": self.controller.state_dict(),
             "executor": self.executor.state_dict(),
@@ -408,85 +273,13 @@ class GrowthDriver:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (after the model's state was loaded)."""
-        assert self.controller is not None and self.executor is not None
         self.controller.load_state_dict(state["controller"])
         self.executor.load_state_dict(state["executor"])
         self._losses = [float(x) for x in state["losses"]]
         self._decision_seeds = {str(k): int(v) for k, v in state["decision_seeds"].items()}
 
     def close(self) -> None:
-        """Stop the executor's threads (and the Tezzeret worker), close the bus and the library."""
-        if self.executor is not None:
-            self.executor.close()
-        if self.worker_process is not None:
-            self.worker_process.stop()
-        self.monitor.stop()
-        self.bus.close()
-        self.library.close()
-
-
-def _decision_event(decision: AdaptationDecision) -> Event:
-    return {
-        "type": "decision",
-        "step": decision.step,
-        "action": str(decision.action),
-        "layer": decision.layer_name,
-        "seed": decision.seed_idx,
-        "blueprint": blueprint_name(decision.blueprint),
-        "policy": decision.policy,
-        "confidence": decision.confidence,
-        "uncertainty": decision.uncertainty,
-        "decision_id": decision.decision_id,
-    }
-
-
-def _refusal_event(refusal: DecisionRefusal) -> Event:
-    return {
-        "type": "refusal",
-        "step": refusal.step,
-        "action": str(refusal.action),
-        "layer": refusal.layer_name,
-        "gate": refusal.gate,
-        "reason": refusal.reason,
-        "policy": refusal.policy,
-    }
-
-
-def _reward_event(report: RewardReport, step: int, seed: int | None) -> Event:
-    return {
-        "type": "reward",
-        "step": step,
-        "layer": report.layer_name,
-        "seed": seed,
-        "decision_id": report.decision_id,
-        "total": report.total,
-        "components": report.components,
-        "outcome": str(report.outcome) if report.outcome is not None else None,
-    }
-
-
-def build_growth(
-    config: RunConfig,
-    *,
-    run_id: str,
-    log_dir: Path | None = None,
-    policy: GrowthPolicy | None = None,
-) -> GrowthDriver:
-    """The growth components a run config asks for: embedded Urza (``<run.dir>/urza`` unless
-    ``urza.dir``/``urza.url`` say otherwise) and the bus at ``growth.bus``."""
-    folder: Path | None = None
-    if config.urza.url is not None:
-        library = open_library(config.urza.url)
-    else:
-        folder = config.urza.dir or Path(config.run.dir) / "urza"
-        library = open_library(run_dir=folder)
-    bus = open_bus(config.growth.bus)
-    return GrowthDriver(
-        config,
-        run_id=run_id,
-        library=library,
-        bus=bus,
-        urza_dir=folder,
-        log_dir=log_dir,
-        policy=policy,
-    )
+        """Stop the executor's threads and the controller link, then close the services."""
+        self.executor.close()
+        self.controller.close()
+        self.services.close()

@@ -6,58 +6,63 @@ from Python::
     from esper.tolaria import load_config, train
     result = train(load_config("configs/digits.yaml", overrides=["train.epochs=2"]))
 
-What one step does, in order (see :func:`train`)::
+:func:`train` reads top to bottom: preflight (the whole config checked), setup (run folder,
+growth services, model, optimizer, growth driver, resumed state, replica), the epochs, the
+finish. What one step does, in order::
 
     forward, loss, backward, optimizer step
-    model.step(graftable=...)        step boundary: graft the kernels due now, ramp alphas
-    growth.after_step(step, loss)    apply Tamiyo's decisions: compile (background), load,
-                                     evaluate grafts, reward, fossilize or cull
-    every telemetry_every steps:     model.collect_telemetry() -> Tamiyo's health collector
-    every decide_every steps:        growth.decide(step): Tamiyo decides, synchronously
+    replica.step(graftable=...)           step boundary: graft the kernels due now, ramp alphas
+    growth.after_step(step, loss, ...)    apply decisions: compile (background), load, evaluate
+                                          grafts, reward, fossilize or cull; telemetry and
+                                          progress to the controller link; its new decisions
+    log.step(...)                         seed changes, events, the step record
 
 and every epoch: evaluate on the test split, write the epoch record, save a checkpoint.
 
-Growth is deterministic in step: decisions happen at fixed step intervals and a kernel is grafted
-exactly ``growth.graft_delay`` steps after its decision (see :mod:`esper.tolaria.growth`), so a
-run resumed from a checkpoint repeats the uninterrupted run bit for bit: weights, optimizer
-state, data order, torch's global RNG (kernels are built from private generators, so background
-compiles and loads never draw from it) and every metric except the timings.
+A run resumed from a checkpoint repeats the uninterrupted run bit for bit: weights, optimizer
+state, data order, torch's global RNG and every metric except the timings (why growth allows
+this: :mod:`esper.tolaria.growth`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from esper.contracts import SeedState
 from esper.core import MorphableModel
-from esper.core.lockstep import LockstepGrowth, broadcast_json
+from esper.core.lockstep import broadcast_json
 from esper.errors import ConfigurationError
 from esper.tasks.evaluation import evaluate, score_name, task_loss
 from esper.tolaria.bounded_input import clip
 from esper.tolaria.builders import build_model, build_optimizer
-from esper.tolaria.checkpoint import capture, restore_optimizer, restore_rng, save_checkpoint
+from esper.tolaria.checkpoint import (
+    Checkpoint,
+    ResumePoint,
+    capture,
+    restore_run,
+    save_checkpoint,
+)
 from esper.tolaria.config import RunConfig
-from esper.tolaria.distributed import RankContext
-from esper.tolaria.growth import GrowthDriver, build_growth
+from esper.tolaria.distributed import RankContext, TrainingReplica
+from esper.tolaria.growth import GrowthDriver
+from esper.tolaria.growth_services import GrowthServices
 from esper.tolaria.metrics import MetricsLog
 from esper.tolaria.preflight import PreparedRun, prepare_run
 from esper.tolaria.progress import RunObserver, SilentObserver
 from esper.tolaria.report import summarize, write_report
 from esper.tolaria.resume import ResumePlan, RunInterrupted, plan_resume
 from esper.tolaria.run_folder import RunFolder, new_run_id, write_text_atomic
+from esper.tolaria.step_log import StepLog, parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -78,39 +83,6 @@ class RunResult:
     """False on ranks other than 0 of a distributed run (their folder was a scratch one)."""
 
 
-# -- model state, as the loop reports it ---------------------------------------------------------
-
-
-def seed_counts(model: MorphableModel) -> dict[str, int]:
-    """Seeds by state name (host mirror, no device read)."""
-    counts: Counter[str] = Counter()
-    for name in model.layer_names:
-        counts.update(state.name for state in model.layer(name).seed_states)
-    return {state.name: counts[state.name] for state in SeedState if counts[state.name]}
-
-
-def seed_snapshot(model: MorphableModel) -> dict[tuple[str, int], str]:
-    """Every seed's state name, by ``(layer, seed)``."""
-    return {
-        (name, i): state.name
-        for name in model.layer_names
-        for i, state in enumerate(model.layer(name).seed_states)
-    }
-
-
-def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Fraction of ``(B, C)`` logits whose argmax is the ``(B,)`` target."""
-    return float((outputs.detach().argmax(dim=1) == targets).float().mean())
-
-
-def parameter_count(model: MorphableModel) -> int:
-    """Base plus grafted kernel parameters."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# -- the loop --------------------------------------------------------------------------------------
-
-
 def train(
     config: RunConfig,
     *,
@@ -121,8 +93,6 @@ def train(
     command: str | None = None,
 ) -> RunResult:
     """Train a run from ``config`` (or continue the run folder ``resume``) and write its report.
-
-    The config is checked whole before anything is created (:func:`prepare_run`).
 
     Args:
         config: the run config (for ``resume``, the folder's saved config, possibly overridden).
@@ -144,13 +114,11 @@ def train(
     """
     if stop_after_epoch is not None and stop_after_epoch < 1:
         raise ConfigurationError(f"stop_after_epoch must be >= 1, got {stop_after_epoch}")
-    observer = observer or SilentObserver()
     torch.set_num_threads(config.run.threads)
     started = time.perf_counter()
     ranks = RankContext.from_environment()  # under torchrun: one replica per rank
     is_main = ranks is None or ranks.is_main
-    if not is_main:
-        observer = SilentObserver()  # rank 0 reports progress
+    observer = observer if observer is not None and is_main else SilentObserver()  # rank 0's
 
     # -- preflight: the whole config is checked before anything is created --------------------
     plan = plan_resume(resume, config=config, epoch=resume_epoch) if resume is not None else None
@@ -160,201 +128,55 @@ def train(
     for warning in prepared.warnings:
         observer.on_notice(warning, warning=True)
 
-    # -- run folder, growth, model, optimizer ---------------------------------------------------
-    if is_main:
-        folder = _open_run_folder(config, plan, prepared, command=command)
-    run_id = broadcast_json(folder.run_id if is_main else None) if ranks else folder.run_id
-    if not is_main:  # only rank 0 writes the run folder; the others keep a scratch one
-        folder = RunFolder.create(tempfile.mkdtemp(prefix="esper-rank-"), run_id)
-    checkpoint = prepared.checkpoint
-    start_epoch = checkpoint.epoch if checkpoint is not None else 0
-    growth: GrowthDriver | None = None
-    try:
-        if config.growth.enabled:  # first: a compile worker process starts up meanwhile
-            growth = build_growth(
-                config, run_id=run_id, log_dir=folder.path, policy=prepared.policy
-            )
-        data, x_val, y_val = prepared.data, prepared.x_val, prepared.y_val
-        regression = data.is_regression
-        batch_size = config.data.batch_size
-        steps_per_epoch = -(-len(data.x_train) // batch_size)
-        total_steps = steps_per_epoch * config.train.epochs
-        model = build_model(config, data, **(growth.wrap_options() if growth else {}))
-        optimizer = build_optimizer(config.train, model)
-        if growth is not None:
+    # -- setup: run folder, growth, model, optimizer, resumed state, replica -------------------
+    folder = _open_run_folder(config, plan, prepared, ranks, command=command)
+    run = _set_up(config, plan, prepared, folder, ranks, observer)
+    model, growth, replica, start = run.model, run.growth, run.replica, run.start
+    data, batch_size, regression = prepared.data, config.data.batch_size, run.regression
+    log = _start_log(folder, config, prepared, run, observer)  # run.json, epoch 0, observer
 
-            def validate() -> dict[str, float]:
-                loss, score = evaluate(model, x_val, y_val, regression=regression)
-                return {"loss": loss, "accuracy": score} if not regression else {"loss": loss}
+    def wall_seconds() -> float:
+        return start.wall_seconds + time.perf_counter() - started
 
-            growth.attach(model, total_steps=total_steps, validate=validate if len(x_val) else None)
-        data_order = torch.Generator().manual_seed(config.run.seed)
-        metrics = MetricsLog(folder.metrics_path)
-
-        wall_before = 0.0
-        if checkpoint is not None:
-            # a fresh wrap re-grafts the checkpoint's kernels, which re-adds their optimizer groups
-            model.load_state_dict(checkpoint.model)
-            restore_optimizer(optimizer, checkpoint)
-            restore_rng(checkpoint, data_order)
-            if growth is not None:
-                growth.load_state_dict(checkpoint.growth)
-            metrics.truncate(checkpoint.metrics_position)
-            wall_before = float(checkpoint.extra.get("wall_seconds", 0.0))
-            logger.info("resumed %s from epoch %d (step %d)", run_id, start_epoch, checkpoint.step)
-        elif plan is not None:
-            metrics.truncate(0)  # interrupted before its first checkpoint: start over
-        if growth is not None and config.growth.warm_start:
-            warm_up = _warm_up(growth, model, observer)  # before step 1: no stall
-            folder.write_info(warm_up_seconds=warm_up)
-        lockstep = LockstepGrowth(model) if ranks else None
-        trained: torch.nn.Module = lockstep.ddp() if lockstep else model
-    except BaseException as exc:  # setup failed: stop the compile worker it may have started
-        if growth is not None:
-            growth.close()
-        if isinstance(exc, KeyboardInterrupt):
-            folder.write_info(status="interrupted", epoch=start_epoch)
-            raise RunInterrupted(
-                folder, epoch=start_epoch, step=0, phase="setup", checkpointed=start_epoch > 0
-            ) from None
-        folder.write_info(status="failed", error=clip(str(exc) or type(exc).__name__, limit=300))
-        raise
-
-    layer_seeds = {name: model.layer(name).num_seeds for name in model.layer_names}
-    initial_parameters = sum(p.numel() for p in model.base_parameters())
-    folder.write_info(
-        run_id=folder.run_id,
-        status="running",
-        dataset=config.data.name,
-        host=config.host.kind,
-        policy=config.growth.policy if config.growth.enabled else "static",
-        score_name=score_name(data),
-        epochs=config.train.epochs,
-        epoch=start_epoch,
-        initial_parameters=initial_parameters,
-        layer_seeds=layer_seeds,
-    )
-    if start_epoch == 0:
-        test_loss, test_score = evaluate(model, data.x_test, data.y_test, regression=regression)
-        metrics.write("eval", epoch=0, step=0, test_loss=test_loss, test_score=test_score)
-        for (layer, seed), state in seed_snapshot(model).items():
-            metrics.write("seed", step=0, layer=layer, seed=seed, state=state)
-
-    observer.on_start(
-        run_id=folder.run_id,
-        epochs=config.train.epochs,
-        steps_per_epoch=steps_per_epoch,
-        start_epoch=start_epoch,
-    )
-    status = "failed"
-    interrupted = False
-    epoch = finished_epoch = start_epoch
-    saved_epoch = start_epoch  # the last epoch with a checkpoint (0: none)
+    # -- the epochs ----------------------------------------------------------------------------
+    status, interrupted = "failed", False
+    epoch = finished_epoch = saved_epoch = start.epoch  # saved: the last checkpointed epoch
     test_loss = test_score = float("nan")
-    states = seed_snapshot(model)
-    parameters = parameter_count(model)
     try:
-        for epoch in range(start_epoch + 1, config.train.epochs + 1):
-            order = torch.randperm(len(data.x_train), generator=data_order)
+        for epoch in range(start.epoch + 1, config.train.epochs + 1):
+            order = torch.randperm(len(data.x_train), generator=run.data_order)
             epoch_loss = torch.zeros(())
-            for start in range(0, len(order), batch_size):
+            for first in range(0, len(order), batch_size):
                 compiling = growth.compiling() if growth else 0  # in flight as the step starts
                 tic = time.perf_counter()
-                batch = order[start : start + batch_size]
-                if ranks is not None:
-                    batch = ranks.shard(batch)  # this rank's share of the global batch
+                batch = replica.shard(order[first : first + batch_size])  # this rank's share
                 # -- one training step ------------------------------------------------------
-                outputs = trained(data.x_train[batch])
-                loss = task_loss(outputs, data.y_train[batch], regression=regression)
-                optimizer.zero_grad(set_to_none=True)
+                outputs, targets = replica(data.x_train[batch]), data.y_train[batch]
+                loss = task_loss(outputs, targets, regression=regression)
+                run.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                # -- step boundary: grafts due now join, alphas ramp --------------------------
+                run.optimizer.step()
+                # -- step boundary: grafts due now join, alphas ramp; then growth advances ----
                 graftable = growth.graftable(model.global_step + 1) if growth else None
-                if lockstep is None:
-                    step = model.step(graftable=graftable)
-                else:  # every rank grafts the same kernels at the same boundary
-                    if lockstep.step(allowed=graftable):
-                        trained = lockstep.ddp()  # DDP registers parameters when it is built
-                    step = model.global_step
-                loss_value = ranks.mean(loss) if ranks else float(loss.detach())
-                events: list[dict[str, Any]] = []
-                if growth is not None:
-                    events += growth.after_step(step, loss_value)  # decisions applied, rewards
-                    if step % config.growth.telemetry_every == 0:
-                        signals = lockstep.collect_telemetry() if lockstep else None
-                        growth.observe_telemetry(step, signals or model.collect_telemetry())
-                    if growth.is_decision_step(step):
-                        events += growth.decide(step, lockstep=lockstep)  # Tamiyo, in step
+                step = replica.step(graftable=graftable)
+                loss_value = replica.mean(loss)
+                events = growth.after_step(step, loss_value, replica) if growth else []
                 step_ms = (time.perf_counter() - tic) * 1e3
                 # -- bookkeeping (outside the timed step) -------------------------------------
                 epoch_loss += loss.detach() * len(batch)
-                new_states = seed_snapshot(model)
-                if new_states != states:
-                    for key, state in new_states.items():
-                        if states.get(key) != state:
-                            metrics.write("seed", step=step, layer=key[0], seed=key[1], state=state)
-                    states = new_states
-                    parameters = parameter_count(model)
-                for event in events:
-                    metrics.write(event["type"], **{k: v for k, v in event.items() if k != "type"})
-                    observer.on_event(event)
-                counts = seed_counts(model)
-                if step % config.train.log_every == 0:
-                    metrics.write(
-                        "step",
-                        step=step,
-                        epoch=epoch,
-                        loss=loss_value,
-                        accuracy=None
-                        if regression
-                        else batch_accuracy(outputs, data.y_train[batch]),
-                        step_time_ms=step_ms,
-                        parameters=parameters,
-                        seeds=counts,
-                        compiling=max(compiling, growth.compiling()) if growth else 0,
-                    )
-                observer.on_step(step=step, loss=loss_value, seeds=counts)
+                compiling = max(compiling, growth.compiling()) if growth else 0
+                log.step(step, epoch, loss_value, outputs, targets, step_ms, compiling, events)
 
             # -- end of epoch: evaluate, log, checkpoint -----------------------------------------
             test_loss, test_score = evaluate(model, data.x_test, data.y_test, regression=regression)
-            counts = seed_counts(model)
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "step": model.global_step,
-                "train_loss": float(epoch_loss) / len(order),
-                "test_loss": test_loss,
-                "test_score": test_score,
-                "score_name": score_name(data),
-                "parameters": parameter_count(model),
-                "seeds": counts,
-                "layers": {n: [s.name for s in model.layer(n).seed_states] for n in layer_seeds},
-                "wall_s": wall_before + time.perf_counter() - started,
-            }
-            metrics.write("epoch", **record)
-            wall = wall_before + time.perf_counter() - started
+            train_loss = float(epoch_loss) / len(order)  # the mean over this rank's examples
+            record = log.epoch(epoch, train_loss, test_loss, test_score, wall_s=wall_seconds())
+            wall = wall_seconds()
             if config.train.checkpoint and is_main:
-                checkpoint = capture(
-                    epoch=epoch,
-                    step=model.global_step,
-                    model=model,
-                    optimizer=optimizer,
-                    data_generator=data_order,
-                    metrics_position=metrics.position(),
-                    growth=growth.state_dict() if growth else None,
-                    extra={"wall_seconds": wall},
-                )
-                save_checkpoint(folder.checkpoint_dir(epoch), checkpoint)
+                save_checkpoint(folder.checkpoint_dir(epoch), run.capture(epoch, wall))
                 saved_epoch = epoch
-            metrics.flush()
-            folder.write_info(
-                epoch=epoch,
-                test_score=test_score,
-                test_loss=test_loss,
-                parameters=record["parameters"],
-                seeds=", ".join(f"{n} {s.lower()}" for s, n in counts.items()),
-                wall_seconds=wall,
-            )
+            run.metrics.flush()
+            folder.write_info(**_epoch_info(record), wall_seconds=wall)
             observer.on_epoch(record)
             finished_epoch = epoch
             if stop_after_epoch is not None and epoch >= stop_after_epoch < config.train.epochs:
@@ -362,28 +184,14 @@ def train(
                 break
         else:
             status = "completed"
-        if lockstep is not None:
-            folder.write_info(
-                world_size=lockstep.world_size, replicas_identical=lockstep.replicas_identical()
-            )
+        if replica.lockstep is not None:
+            folder.write_info(**replica.summary())
     except KeyboardInterrupt:
-        status = "interrupted"
-        interrupted = True
-    finally:
-        metrics.flush()
-        folder.write_info(status=status, wall_seconds=wall_before + time.perf_counter() - started)
-        if growth is not None:
-            folder.write_info(growth_counters=growth.counters())
-            growth.close()
-        model.kernel_cache.close()
-        observer.on_end(status=status)
-        if status != "failed" and is_main:
-            write_report(folder.path)
-            folder.write_info(summary=summarize(folder).as_dict())
-        if ranks is not None:
-            ranks.close()
-        if not is_main:
-            shutil.rmtree(folder.path.parent, ignore_errors=True)  # the scratch folder
+        status, interrupted = "interrupted", True
+    finally:  # -- the finish: what happened is recorded, everything started is stopped ------
+        run.metrics.flush()
+        folder.write_info(status=status, wall_seconds=wall_seconds())
+        _close_run(status, folder, model, growth, replica, observer)
     if interrupted:
         reached = max(finished_epoch, saved_epoch)  # stopped after the checkpoint, before the rest
         raise RunInterrupted(
@@ -393,7 +201,6 @@ def train(
             phase="training",
             checkpointed=reached > 0 and saved_epoch == reached,
         )
-
     return RunResult(
         folder=folder,
         status=status,
@@ -407,11 +214,106 @@ def train(
     )
 
 
+# -- setup and finish, as train() calls them -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What setup built for the epochs."""
+
+    model: MorphableModel
+    optimizer: torch.optim.Optimizer
+    growth: GrowthDriver | None
+    replica: TrainingReplica
+    data_order: torch.Generator
+    metrics: MetricsLog
+    start: ResumePoint
+    regression: bool
+
+    def capture(self, epoch: int, wall_seconds: float) -> Checkpoint:
+        """The run's state after ``epoch`` (live tensors: save it before training on)."""
+        return capture(
+            epoch=epoch,
+            step=self.model.global_step,
+            model=self.model,
+            optimizer=self.optimizer,
+            data_generator=self.data_order,
+            metrics_position=self.metrics.position(),
+            growth=self.growth.state_dict() if self.growth else None,
+            extra={"wall_seconds": wall_seconds},
+        )
+
+
+def _set_up(
+    config: RunConfig,
+    plan: ResumePlan | None,
+    prepared: PreparedRun,
+    folder: RunFolder,
+    ranks: RankContext | None,
+    observer: RunObserver,
+) -> _Run:
+    """Growth services (first: a compile worker process starts up meanwhile), the model, its
+    optimizer, the growth driver, the resumed state (:func:`restore_run`), the warm-up and the
+    replica. A failure or Ctrl-C closes what was started and is recorded in ``run.json``."""
+    data = prepared.data
+    services: GrowthServices | None = None
+    growth: GrowthDriver | None = None
+    try:
+        if config.growth.enabled:
+            services = GrowthServices.open(config, log_dir=folder.path)
+        model = build_model(config, data, **(services.wrap_options() if services else {}))
+        optimizer = build_optimizer(config.train, model)
+        if services is not None and prepared.policy is not None:
+            growth = GrowthDriver.build(
+                config,
+                services,
+                model,
+                run_id=folder.run_id,
+                policy=prepared.policy,
+                total_steps=-(-len(data.x_train) // config.data.batch_size) * config.train.epochs,
+                validate=_validation(model, prepared),
+            )
+        data_order = torch.Generator().manual_seed(config.run.seed)
+        metrics = MetricsLog(folder.metrics_path)
+        start = restore_run(
+            prepared.checkpoint,
+            resumed=plan is not None,
+            model=model,
+            optimizer=optimizer,
+            data_generator=data_order,
+            metrics=metrics,
+            growth=growth,
+        )
+        if growth is not None and config.growth.warm_start:
+            folder.write_info(warm_up_seconds=_warm_up(growth, observer))  # before step 1
+        replica = TrainingReplica(model, ranks)
+    except BaseException as exc:
+        raise _setup_failed(exc, folder, growth or services, prepared) from None
+    return _Run(model, optimizer, growth, replica, data_order, metrics, start, data.is_regression)
+
+
 def _open_run_folder(
+    config: RunConfig,
+    plan: ResumePlan | None,
+    prepared: PreparedRun,
+    ranks: RankContext | None,
+    *,
+    command: str | None,
+) -> RunFolder:
+    """The run's folder (rank 0's; the other ranks of a distributed run get a scratch folder
+    under the same run id, removed at the end)."""
+    if ranks is None:
+        return _main_run_folder(config, plan, prepared, command=command)
+    folder = _main_run_folder(config, plan, prepared, command=command) if ranks.is_main else None
+    run_id = broadcast_json(folder.run_id if folder is not None else None)
+    return folder or RunFolder.create(tempfile.mkdtemp(prefix="esper-rank-"), run_id)
+
+
+def _main_run_folder(
     config: RunConfig, plan: ResumePlan | None, prepared: PreparedRun, *, command: str | None
 ) -> RunFolder:
-    """The run's folder: a new one with its ``config.yaml``, or the resumed one, whose checkpoints
-    after the one it continues from are set aside (damaged, or superseded by ``--epoch``)."""
+    """A new folder with its ``config.yaml``, or the resumed one, whose checkpoints after the one
+    it continues from are set aside (damaged, or superseded by ``--epoch``)."""
     command = command or shlex.join(["esper", *sys.argv[1:]])
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     if plan is None:
@@ -436,24 +338,121 @@ def _open_run_folder(
     return folder
 
 
-def _warm_up(growth: GrowthDriver, model: MorphableModel, observer: RunObserver) -> float:
+def _validation(
+    model: MorphableModel, prepared: PreparedRun
+) -> Callable[[], dict[str, float]] | None:
+    """The validation hook growth rewards use (``None`` without validation examples)."""
+    data, x_val, y_val = prepared.data, prepared.x_val, prepared.y_val
+    if not len(x_val):
+        return None
+
+    def validate() -> dict[str, float]:
+        loss, score = evaluate(model, x_val, y_val, regression=data.is_regression)
+        return {"loss": loss} if data.is_regression else {"loss": loss, "accuracy": score}
+
+    return validate
+
+
+def _warm_up(growth: GrowthDriver, observer: RunObserver) -> float:
     """Wait for the queued compiles before step 1, telling the observer; the seconds waited."""
 
     def progress(done: int, total: int) -> None:
         kernels = f"{total} catalog kernel{'s' if total != 1 else ''}"
-        where = " in a Tezzeret worker process" if growth.worker_mode == "process" else ""
+        where = " in a Tezzeret worker process" if growth.services.worker.mode == "process" else ""
         observer.on_status(f"warm-up: compiling {kernels}{where}… {done}/{total} done")
 
-    waited = growth.warm_up(model, on_progress=progress)
+    waited = growth.warm_up(on_progress=progress)
     observer.on_status("")
     observer.on_notice(f"warm-up: the catalog kernels were ready after {waited:.1f} s")
     return waited
 
 
-def result_summary(result: RunResult) -> Mapping[str, Any]:
-    """Plain-data view of a :class:`RunResult` (without the model)."""
-    data = {
-        f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "model"
+def _setup_failed(
+    exc: BaseException,
+    folder: RunFolder,
+    growth: GrowthDriver | GrowthServices | None,
+    prepared: PreparedRun,
+) -> BaseException:
+    """Close what setup started and record the failure; return what to raise (Ctrl-C: a
+    :class:`RunInterrupted` that says how to resume)."""
+    if growth is not None:
+        growth.close()
+    if isinstance(exc, KeyboardInterrupt):
+        epoch = prepared.checkpoint.epoch if prepared.checkpoint is not None else 0
+        folder.write_info(status="interrupted", epoch=epoch)
+        return RunInterrupted(folder, epoch=epoch, step=0, phase="setup", checkpointed=epoch > 0)
+    folder.write_info(status="failed", error=clip(str(exc) or type(exc).__name__, limit=300))
+    return exc
+
+
+def _start_log(
+    folder: RunFolder, config: RunConfig, prepared: PreparedRun, run: _Run, observer: RunObserver
+) -> StepLog:
+    """Before the first epoch: ``run.json`` says what runs, on what, from which epoch; a new
+    run's metrics get its epoch-0 evaluation and initial seed states; the observer hears the
+    run start. Returns the log the epochs write to."""
+    model, data, epoch = run.model, prepared.data, run.start.epoch
+    folder.write_info(
+        run_id=folder.run_id,
+        status="running",
+        dataset=config.data.name,
+        host=config.host.kind,
+        policy=config.growth.policy if config.growth.enabled else "static",
+        score_name=score_name(prepared.data),
+        epochs=config.train.epochs,
+        epoch=epoch,
+        initial_parameters=sum(p.numel() for p in model.base_parameters()),
+        layer_seeds={name: model.layer(name).num_seeds for name in model.layer_names},
+    )
+    log = StepLog(
+        run.metrics,
+        observer,
+        model,
+        log_every=config.train.log_every,
+        regression=run.regression,
+        score_name=score_name(data),
+    )
+    if epoch == 0:
+        log.initial(*evaluate(model, data.x_test, data.y_test, regression=run.regression))
+    observer.on_start(
+        run_id=folder.run_id,
+        epochs=config.train.epochs,
+        steps_per_epoch=-(-len(data.x_train) // config.data.batch_size),
+        start_epoch=epoch,
+    )
+    return log
+
+
+def _epoch_info(record: dict[str, Any]) -> dict[str, Any]:
+    """``run.json``'s progress fields from an ``epoch`` record."""
+    return {
+        "epoch": record["epoch"],
+        "test_score": record["test_score"],
+        "test_loss": record["test_loss"],
+        "parameters": record["parameters"],
+        "seeds": ", ".join(f"{n} {s.lower()}" for s, n in record["seeds"].items()),
     }
-    data["folder"] = str(result.folder.path)
-    return data
+
+
+def _close_run(
+    status: str,
+    folder: RunFolder,
+    model: MorphableModel,
+    growth: GrowthDriver | None,
+    replica: TrainingReplica,
+    observer: RunObserver,
+) -> None:
+    """Stop growth and the kernel cache, tell the observer, write the report (rank 0, unless the
+    run failed), leave the process group and remove a scratch folder."""
+    is_main = replica.ranks is None or replica.ranks.is_main
+    if growth is not None:
+        folder.write_info(growth_counters=growth.counters())
+        growth.close()
+    model.kernel_cache.close()
+    observer.on_end(status=status)
+    if status != "failed" and is_main:
+        write_report(folder.path)
+        folder.write_info(summary=summarize(folder).as_dict())
+    replica.close()
+    if not is_main:
+        shutil.rmtree(folder.path.parent, ignore_errors=True)  # the scratch folder

@@ -340,7 +340,7 @@ def build_layer_graph(
     structure = graph_structure(model)
     free, running, has_free = [], [], []
     for name, layer in zip(structure.layer_names, _nodes(model), strict=True):
-        layout = layer.seed_state
+        layout = layer.seed_layout
         dormant = [slot.state for slot in layout.slots].count(SeedState.DORMANT)
         free.append(dormant / layout.num_seeds)
         running.append(float(len(layout.running)))

@@ -362,7 +362,7 @@ class GrowthDriver:
                     "step": outcome.step,
                     "layer": layer,
                     "seed": seed,
-                    "kernel_id": model.layer(layer).seed_state.slots[seed].kernel_id,
+                    "kernel_id": model.layer(layer).seed_layout.slots[seed].kernel_id,
                     "blueprint": self._blueprint_of(layer, seed),
                     "kernel_parameters": sum(p.numel() for p in kernel.parameters())
                     if kernel is not None

@@ -613,7 +613,7 @@ class GrowthExecutor:
         loss_after = metrics_after.get("loss", _mean_finite(after))
         if loss_before is None or not math.isfinite(loss_before):
             loss_before = loss_after if loss_after is not None else 0.0  # nothing measured
-        slot = self.model.layer(record.decision.layer_name).seed_state.slots[record.seed_idx]
+        slot = self.model.layer(record.decision.layer_name).seed_layout.slots[record.seed_idx]
         outcome = AdaptationOutcome(
             val_loss_before=loss_before,
             val_loss_after=loss_after if loss_after is not None else math.inf,

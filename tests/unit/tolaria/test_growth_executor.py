@@ -275,8 +275,8 @@ def test_a_loss_spike_rolls_the_graft_back(library: ArtifactLibrary) -> None:
 def test_refusals_name_why_a_decision_could_not_be_applied(library: ArtifactLibrary) -> None:
     bus = InProcessBus()
     run = _run(library, bus)
-    run.model.layer("2").seed_state.transition(0, SeedState.LOADING, where="test")  # occupy "2"
-    run.model.layer("2").seed_state.transition(1, SeedState.LOADING, where="test")
+    run.model.layer("2").seed_layout.transition(0, SeedState.LOADING, where="test")  # occupy "2"
+    run.model.layer("2").seed_layout.transition(1, SeedState.LOADING, where="test")
     decisions = [
         _germinate("nope"),
         _germinate("2"),

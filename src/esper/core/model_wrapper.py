@@ -62,6 +62,8 @@ class MorphableModel(nn.Module):
 
     Calling it runs the wrapped model unchanged (``forward`` is bound to the wrapped model's
     ``forward``). Lifecycle calls address layers by their dotted names in the original model.
+    The loading calls take ``kernel_artifact_id=``, the reference design's public name of what
+    Esper calls a ``kernel_id`` everywhere else (the sha256 of the kernel's artifact).
 
     Args:
         model: the model whose layers were already replaced by :class:`KasminaLayer` wrappers.

@@ -49,9 +49,10 @@ from esper.errors import ConfigurationError
 from esper.execution.grafted_kernel import GraftedKernel
 from esper.oona import MessageBus, open_bus
 from esper.tamiyo.baselines import BASELINE_NAMES
-from esper.tamiyo.controller import TamiyoController, load_policy
+from esper.tamiyo.controller import TamiyoController
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy
+from esper.tamiyo.policy_loading import load_policy
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tezzeret import TezzeretProcess, find_or_enqueue
 from esper.tolaria.bounded_input import excerpt
@@ -71,7 +72,7 @@ PRETRAINED_POLICY = Path(esper.tamiyo.__file__).parent / "pretrained" / "bottlen
 
 
 def policy_path(policy: str) -> str:
-    """``growth.policy`` as :func:`~esper.tamiyo.controller.load_policy` takes it: ``pretrained``
+    """``growth.policy`` as :func:`~esper.tamiyo.policy_loading.load_policy` takes it: ``pretrained``
     names the shipped GNN policy; baseline names and file paths pass through."""
     return str(PRETRAINED_POLICY) if policy == "pretrained" else policy
 

@@ -73,9 +73,9 @@ from esper.oona import (
     BackgroundSubscriber,
     MessageBus,
 )
-from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, model_topology
 from esper.tamiyo.reward import AdaptationOutcome, RewardWeights, compute_reward
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyGates
+from esper.tamiyo.topology import model_topology
 from esper.tezzeret import TezzeretProcess, TezzeretWorker, find_or_enqueue, library_location
 from esper.tolaria.decision_limits import DecisionGuard, training_refusal
 from esper.urza import ArtifactLibrary
@@ -267,7 +267,7 @@ class GrowthExecutor:
                 consumer=consumer,
                 contract=AdaptationDecision,
             )
-        self._publish(TOPOLOGY_TOPIC, model_topology(model, run_id=run_id))
+        self._publish(Topic.TELEMETRY_TOPOLOGY, model_topology(model, run_id=run_id))
 
     def _count_kernel(self, sign: int) -> Callable[[str, int, nn.Module], None]:
         def count(layer_name: str, seed_idx: int, module: nn.Module) -> None:
@@ -675,7 +675,7 @@ class GrowthExecutor:
         self._progress_losses = []
         finite = [x for x in losses if math.isfinite(x)]
         self._publish(
-            PROGRESS_TOPIC,
+            Topic.TELEMETRY_PROGRESS,
             TrainingProgress(
                 run_id=self.run_id,
                 step=step,

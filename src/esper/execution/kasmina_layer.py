@@ -147,8 +147,13 @@ class KasminaLayer(SeedLifecycle):
                 on_fault=self._on_kernel_fault,
             )
         else:
-            running = self._running_seeds
-            y = blend(base_out, kernel_in, running, record=record, on_fault=self._on_kernel_fault)
+            y = blend(
+                base_out,
+                kernel_in,
+                self._running_seeds,
+                record=record,
+                on_fault=self._on_kernel_fault,
+            )
         if record:
             self._record_health = False
             try:

@@ -139,7 +139,7 @@ def main() -> None:
         "steps": step,
         "graft_step": graft_step,
         "states": [s.name for s in layer.seed_states],
-        "alphas": layer.seed_state.alpha.tolist(),
+        "alphas": layer.seed_layout.alpha.tolist(),
         "param_groups": len(optimizer.param_groups),
         "telemetry": [signal.model_dump(mode="json", exclude={"timestamp"}) for signal in signals],
     }

@@ -168,9 +168,9 @@ def run_phase2(pipeline: Pipeline) -> None:
     assert model.kernel_cache.stats().misses == 1
 
     # 5. the output equals base + alpha * kernel, computed by hand
-    alpha = layer.seed_state.slots[1].alpha
+    alpha = layer.seed_layout.slots[1].alpha
     assert 0.0 < alpha < 1.0
-    assert float(layer.seed_state.alpha[1]) == pytest.approx(alpha)
+    assert float(layer.seed_layout.alpha[1]) == pytest.approx(alpha)
     with torch.no_grad():
         head = model.layer("2").base  # wrap() deep-copied the host: use the trained modules
         hidden = layer.base(x) + alpha * kernel(x)  # (64, 32)

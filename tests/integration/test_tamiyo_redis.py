@@ -42,9 +42,10 @@ from esper.contracts import (
 from esper.oona import MessageBus, OonaTelemetrySink, open_bus
 from esper.oona.redis_streams import RedisStreamsBus
 from esper.tamiyo.baselines import BottleneckPolicy
-from esper.tamiyo.controller import TamiyoController, model_topology
+from esper.tamiyo.controller import TamiyoController
 from esper.tamiyo.controller_loop import CONTROLLER_TOPICS
 from esper.tamiyo.safety import GATE_PARAMETER_BUDGET, GATES, SafetyConfig, SafetyGates
+from esper.tamiyo.topology import model_topology
 from esper.tasks.datasets import load_digits_split
 from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.growth_executor import GrowthExecutor

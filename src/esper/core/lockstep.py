@@ -143,7 +143,7 @@ class LockstepGrowth:
                         state.name,
                     )
                     if state is SeedState.FOSSILIZED:
-                        layer.seed_state.transition(
+                        layer.seed_layout.transition(
                             seed_idx, SeedState.ERROR_RECOVERY, where=layer.layer_name
                         )
                     layer.unload(seed_idx)
@@ -156,7 +156,7 @@ class LockstepGrowth:
         return tuple(
             (layer.layer_name, seed_idx, slot.kernel_id if slot.state.runs_kernel else None)
             for layer in self._layers()
-            for seed_idx, slot in enumerate(layer.seed_state.slots)
+            for seed_idx, slot in enumerate(layer.seed_layout.slots)
         )
 
     # -- telemetry and DDP ---------------------------------------------------------------------

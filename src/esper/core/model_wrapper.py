@@ -1,9 +1,9 @@
 """Model wrapping: ``esper.wrap`` turns a model into a :class:`MorphableModel` with seeded layers.
 
 Targeted layers are swapped in place for :class:`~esper.execution.KasminaLayer` wrappers (with
-``setattr`` on their parents, as PEFT does); everything Esper injects lives under ``seed_state``
-and ``seeds`` inside those wrappers, so selecting kernel parameters or filtering a state dict is
-a string test. With every seed dormant the wrapped model computes exactly what the original did.
+``setattr`` on their parents, as PEFT does); everything Esper injects lives under the keys
+``seed_state.`` (the seed layout) and ``seeds.`` inside those wrappers, so selecting kernel
+parameters or filtering a state dict is a string test. With every seed dormant the wrapped model computes exactly what the original did.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class MorphableModel(nn.Module):
 
     Calling it runs the wrapped model unchanged (``forward`` is bound to the wrapped model's
     ``forward``). Lifecycle calls address layers by their dotted names in the original model.
+    The loading calls take ``kernel_artifact_id=``, the reference design's public name of what
+    Esper calls a ``kernel_id`` everywhere else (the sha256 of the kernel's artifact).
 
     Args:
         model: the model whose layers were already replaced by :class:`KasminaLayer` wrappers.
@@ -192,7 +194,7 @@ class MorphableModel(nn.Module):
         layer.complete_load(seed_idx)
         exc = future.exception() or layer.last_errors.get(seed_idx)
         module = layer.kernel(seed_idx)
-        if module is None or layer.seed_state.slots[seed_idx].state is SeedState.DORMANT:
+        if module is None or layer.seed_layout.slots[seed_idx].state is SeedState.DORMANT:
             raise KernelLoadError(
                 f"could not load a kernel into layer {layer.layer_name!r} seed {seed_idx}: {exc}; "
                 "the seed is DORMANT and training can continue"

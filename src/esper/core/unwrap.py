@@ -66,17 +66,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def plain_layer(layer: KasminaLayer) -> nn.Module:
     """The plain module equivalent to ``layer`` in its current state (modifies ``layer.base``)."""
     base = layer.base
-    running = layer.seed_state.running
+    running = layer.seed_layout.running
     if not running:
         return base
     kernels = [module for i in running if (module := layer.kernel(i)) is not None]
-    alphas = [layer.seed_state.slots[i].alpha for i in running]
+    alphas = [layer.seed_layout.slots[i].alpha for i in running]
     if merge_kernels(base, layer.profile, kernels, alphas):
         return base
     reads_input = layer.profile.graft_point is GraftPoint.INPUT
     frozen = frozen_kernels(
         [plain_torch(kernel) for kernel in kernels],
-        [layer.seed_state.alpha[i].clone() for i in running],
+        [layer.seed_layout.alpha[i].clone() for i in running],
         input_name=_first_parameter(base) if reads_input else None,
         returns_tuple=layer.profile.returns_tuple,
     )

@@ -6,9 +6,10 @@ from esper.execution.artifact_sources import (
     DirectoryArtifactSource,
     InMemoryArtifactSource,
 )
-from esper.execution.kasmina_layer import KasminaLayer, SeedEvents
+from esper.execution.kasmina_layer import KasminaLayer
 from esper.execution.kernel_cache import CachedKernel, KernelCache
 from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, LayerProfile
+from esper.execution.seed_lifecycle import SeedEvents
 from esper.execution.state_layout import SeedStateLayout
 
 __all__ = [

@@ -1,13 +1,13 @@
 """Seed checkpoints: a layer's slice of a state dict, checked before anything is allocated.
 
 Per grafted seed a state dict holds the kernel's spec bytes (``seeds.<i>.spec``) and its tensors
-(``seeds.<i>.kernel.*``), next to the seed-state buffers (``seed_state.*``). All of it comes from
+(``seeds.<i>.kernel.*``), next to the seed layout's buffers (``seed_state.*``). All of it comes from
 outside, so before any real memory is allocated or any state changes, :func:`check_layer_slice`
 
 * decodes each spec (bounded in size) and compares its target geometry with the layer's;
 * builds the kernel on the meta device and compares every tensor name and shape with the
   checkpoint's (a spec edited to ``hidden=65536`` no longer matches its 8-wide weights);
-* checks the seed-state buffers: known lifecycle states, a kernel for every seed that runs one,
+* checks the seed layout's buffers: known lifecycle states, a kernel for every seed that runs one,
   alphas within ``[0, 1]``, non-negative counters.
 
 A failed check raises :class:`~esper.errors.StateDictError` naming the key and the fix. Only then
@@ -28,7 +28,7 @@ from esper.blueprints import build_empty_kernel, build_kernel
 from esper.contracts import BlueprintSpec, KernelTarget, SeedState
 from esper.errors import ArtifactFormatError, BlueprintError, StateDictError
 from esper.execution.grafted_kernel import GraftedKernel, decode_spec
-from esper.execution.state_layout import KERNEL_ID_BYTES
+from esper.execution.state_layout import KERNEL_ID_BYTES, SEED_LAYOUT_KEY
 
 _SPEC_KEY = re.compile(r"seeds\.(0|[1-9][0-9]{0,5})\.spec")
 """A seed's spec key inside a layer's prefix; anything else is left to ``load_state_dict``."""
@@ -67,7 +67,7 @@ def check_layer_slice(
         The seeds that hold a kernel in the checkpoint, by index.
 
     Raises:
-        StateDictError: a spec, a kernel tensor or a seed-state buffer is malformed or does not
+        StateDictError: a spec, a kernel tensor or a seed layout buffer is malformed or does not
             fit the layer.
     """
     restored: dict[int, RestoredSeed] = {}
@@ -101,7 +101,7 @@ def check_layer_slice(
             meta_kernel.state_dict(), state_dict, f"{prefix}seeds.{seed_idx}.kernel.", where
         )
         restored[seed_idx] = RestoredSeed(seed_idx, spec, recorded)
-    _check_seed_buffers(state_dict, f"{prefix}seed_state.", num_seeds, restored, layer_name)
+    _check_seed_buffers(state_dict, f"{prefix}{SEED_LAYOUT_KEY}.", num_seeds, restored, layer_name)
     return restored
 
 

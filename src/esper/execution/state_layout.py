@@ -23,6 +23,11 @@ from torch import nn
 
 from esper.contracts import SeedState, check_transition
 
+SEED_LAYOUT_KEY = "seed_state"
+"""Name a layer registers its :class:`SeedStateLayout` under, so its buffers' state-dict keys are
+``<layer>.seed_state.<buffer>``. The layer exposes it as ``layer.seed_layout``; the key keeps
+the name checkpoints have always used, so every saved checkpoint still loads."""
+
 KERNEL_ID_BYTES = 32
 """A kernel id (sha256 hex) is stored on the device as its 32 raw bytes."""
 

@@ -132,11 +132,6 @@ class InProcessBus:
                 log.groups[group] = _GroupState(last_delivered_seq=position)
         return InProcessSubscription(self, topic, group, consumer)
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
     def close(self) -> None:
         """Close the bus: blocked polls raise :class:`BusUnavailableError`, as do later calls."""
         with self._changed:

@@ -23,15 +23,7 @@ from esper.tamiyo.baselines import (
     RoundRobinPolicy,
     make_baseline,
 )
-from esper.tamiyo.controller import (
-    PROGRESS_TOPIC,
-    TOPOLOGY_TOPIC,
-    CycleResult,
-    TamiyoController,
-    load_policy,
-    model_topology,
-    topology_structure,
-)
+from esper.tamiyo.controller import CycleResult, TamiyoController
 from esper.tamiyo.graph import (
     GlobalState,
     GraphStructure,
@@ -50,7 +42,9 @@ from esper.tamiyo.observation import (
     LayerGraph,
     PolicyOutput,
 )
+from esper.tamiyo.policy_loading import load_policy
 from esper.tamiyo.safety import GATES, GateVerdict, Proposal, SafetyConfig, SafetyGates
+from esper.tamiyo.topology import model_topology, topology_structure
 
 if TYPE_CHECKING:
     from esper.tamiyo.policy import GNNPolicy, GNNPolicyConfig, load_gnn_policy
@@ -67,8 +61,6 @@ __all__ = [
     "GATES",
     "GLOBAL_FEATURES",
     "NODE_FEATURES",
-    "PROGRESS_TOPIC",
-    "TOPOLOGY_TOPIC",
     "BlueprintOption",
     "BottleneckPolicy",
     "CycleResult",

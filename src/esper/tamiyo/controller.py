@@ -19,18 +19,19 @@ In process the controller may hold the :class:`~esper.core.MorphableModel` (read
 process it needs the model's structure: the training side publishes a :class:`ModelTopology`
 once on ``telemetry.topology`` and :class:`TrainingProgress` (step, loss, parameter counts) every
 few steps on ``telemetry.progress`` (the :class:`~esper.tolaria.growth_executor.GrowthExecutor`
-does both); seed states come with the health signals.
+does both; see :mod:`esper.tamiyo.topology`); seed states come with the health signals. The
+run's progress is kept by :class:`~esper.tamiyo.run_progress.RunProgress`, the decisions
+published but not settled yet by :class:`~esper.tamiyo.pending_decisions.PendingDecisions`; a
+policy is chosen by :func:`~esper.tamiyo.policy_loading.load_policy`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esper.blueprints.registry import build_empty_kernel
@@ -43,7 +44,6 @@ from esper.contracts import (
     HealthSignal,
     HealthSignalBatch,
     KernelTarget,
-    LayerTopology,
     ModelTopology,
     RewardReport,
     SeedState,
@@ -53,54 +53,21 @@ from esper.contracts import (
 from esper.errors import ConfigurationError
 from esper.oona import BusUnavailableError, MessageBus
 from esper.tamiyo.controller_loop import ControllerInbox, ControllerThread
-from esper.tamiyo.graph import GlobalState, GraphStructure, graph_structure, trace_edges
+from esper.tamiyo.graph import GraphStructure, graph_structure
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph, PolicyOutput
+from esper.tamiyo.pending_decisions import PendingDecisions
+from esper.tamiyo.run_progress import RunProgress
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, GateVerdict, Proposal, SafetyGates
+from esper.tamiyo.topology import model_targets, topology_structure, topology_targets
 
 if TYPE_CHECKING:
     from esper.core import MorphableModel
 
 logger = logging.getLogger(__name__)
 
-TOPOLOGY_TOPIC = Topic.TELEMETRY_TOPOLOGY
-"""Topic of :class:`ModelTopology` (published once per run by the training side)."""
-PROGRESS_TOPIC = Topic.TELEMETRY_PROGRESS
-"""Topic of :class:`TrainingProgress` (published every few steps by the training side)."""
 GATE_MASK = "mask"
 """Refusal gate of an action the graph's ``germinate_mask`` did not allow (a policy bug)."""
-
-
-def model_topology(model: MorphableModel, *, run_id: str) -> ModelTopology:
-    """Describe ``model``'s seeded structure (edges from an fx trace, as the graph builder does)."""
-    layers = [model.layer(name) for name in model.layer_names]
-    edges = trace_edges(model, layers)
-    return ModelTopology(
-        run_id=run_id,
-        layers=tuple(
-            LayerTopology(
-                layer_name=layer.layer_name,
-                target=layer.target(),
-                base_parameters=sum(p.numel() for p in layer.base.parameters()),
-                num_seeds=layer.num_seeds,
-            )
-            for layer in layers
-        ),
-        edges=tuple(edges) if edges is not None else None,
-        traced=edges is not None,
-        base_parameters=sum(p.numel() for p in model.base_parameters()),
-    )
-
-
-def topology_structure(topology: ModelTopology) -> GraphStructure:
-    """The graph builder's static structure for a topology received from the training side."""
-    return GraphStructure.from_layers(
-        [layer.layer_name for layer in topology.layers],
-        [layer.target for layer in topology.layers],
-        [layer.base_parameters for layer in topology.layers],
-        topology.edges,
-        traced=topology.traced,
-    )
 
 
 @dataclass(frozen=True)
@@ -172,7 +139,6 @@ class TamiyoController:
         self.run_id = run_id
         self.safety = safety or SafetyGates()
         self.model = model
-        self.total_steps = total_steps
         self.decide_every_steps = decide_every_steps
         self.cycle_s = cycle_s
         self.explore = explore
@@ -188,19 +154,16 @@ class TamiyoController:
         self._topology: ModelTopology | None = None
         self._structure: GraphStructure | None = None
         self._targets: dict[str, KernelTarget] = {}
-        self._base_parameters = 0
-        self._progress: TrainingProgress | None = None
-        self._losses: deque[float] = deque(maxlen=20)
+        self._run = RunProgress(run_id, total_steps)
         self._last_decision_step: int | None = None
-        self._committed: dict[str, tuple[str, int, int]] = {}
-        self._reserved: dict[str, tuple[str, int, int]] = {}
+        self._pending = PendingDecisions()
         self._kernel_sizes: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
         self._loop = ControllerThread(self)
         self._inbox: ControllerInbox | None = None
         if model is not None:
-            self._use_structure(graph_structure(model), _model_targets(model))
-            self._base_parameters = sum(p.numel() for p in model.base_parameters())
+            self._use_structure(graph_structure(model), model_targets(model))
+            self._run.base_parameters = sum(p.numel() for p in model.base_parameters())
         elif topology is not None:
             self.observe(topology)
         if bus is not None:
@@ -224,19 +187,10 @@ class TamiyoController:
     ) -> None:
         """Record the run's step and recent loss (synchronous use; see :class:`TrainingProgress`)."""
         with self._lock:
-            if total_steps is not None:
-                self.total_steps = total_steps
-            if loss is not None and math.isfinite(loss):
-                self._losses.append(float(loss))
-            self._progress = TrainingProgress(
-                run_id=self.run_id,
-                step=step,
-                total_steps=self.total_steps,
-                loss=loss if loss is not None and math.isfinite(loss) else None,
-                base_parameters=self._base_parameters,
-                kernel_parameters=kernel_parameters
-                if kernel_parameters is not None
-                else self._observed_kernel_parameters(),
+            if kernel_parameters is None:
+                kernel_parameters = self._observed_kernel_parameters()
+            self._run.record(
+                step, loss=loss, total_steps=total_steps, kernel_parameters=kernel_parameters
             )
 
     def observe(self, message: Contract) -> None:
@@ -252,18 +206,10 @@ class TamiyoController:
                 if self.model is None and message != self._topology:
                     structure = topology_structure(message)  # raises first: nothing half-changed
                     self._topology = message
-                    self._base_parameters = message.base_parameters
-                    self._use_structure(
-                        structure, {lay.layer_name: lay.target for lay in message.layers}
-                    )
+                    self._run.base_parameters = message.base_parameters
+                    self._use_structure(structure, topology_targets(message))
             elif isinstance(message, TrainingProgress):
-                if self._progress is None or message.step >= self._progress.step:
-                    if message.total_steps is not None:
-                        self.total_steps = message.total_steps
-                    if message.loss is not None and math.isfinite(message.loss):
-                        self._losses.append(message.loss)
-                    self._base_parameters = self._base_parameters or message.base_parameters
-                    self._progress = message
+                self._run.observe(message)
             elif isinstance(message, RewardReport):
                 self._observe_reward(message)
             elif isinstance(message, DecisionRefusal):
@@ -273,19 +219,18 @@ class TamiyoController:
 
     def _observe_reward(self, report: RewardReport) -> None:
         self.counters["rewards"] += 1
-        self._reserved.pop(report.decision_id, None)
-        if report.outcome is AdaptationAction.CULL:
-            self._committed.pop(report.decision_id, None)
+        culled = report.outcome is AdaptationAction.CULL
+        self._pending.rewarded(report.decision_id, culled=culled)
+        if culled:
             self.safety.record_rollback(report.step, report.layer_name)
 
     def _observe_refusal(self, refusal: DecisionRefusal) -> None:
         if refusal.gate == GATE_LOSS_SPIKE:
             return  # a rolled-back graft: its RewardReport releases the commitment
         if refusal.decision_id is None:
-            return  # a gate's refusal (ours): nothing was committed for it
+            return  # a gate's refusal (ours): it never became a decision, nothing was committed
         # The training side could not apply one of our decisions: its parameters never arrive.
-        if self._committed.pop(refusal.decision_id, None) is not None:
-            self._reserved.pop(refusal.decision_id, None)
+        if self._pending.refused(refusal.decision_id):
             self.counters["failed_on_training_side"] += 1
 
     def poll_bus(self, *, poll_health: bool = True) -> int:
@@ -307,11 +252,13 @@ class TamiyoController:
     @property
     def latest_step(self) -> int | None:
         """The newest training step seen in telemetry or progress."""
-        steps = [s for s in (self.collector.latest_step, self._progress_step()) if s is not None]
+        steps = [s for s in (self.collector.latest_step, self._run.step) if s is not None]
         return max(steps) if steps else None
 
-    def _progress_step(self) -> int | None:
-        return self._progress.step if self._progress is not None else None
+    @property
+    def total_steps(self) -> int | None:
+        """The run's training budget in steps, if known."""
+        return self._run.total_steps
 
     def run_cycle(self, *, poll_health: bool = True) -> CycleResult | None:
         """One autonomous cycle: poll the bus, then decide if new telemetry is due.
@@ -353,15 +300,17 @@ class TamiyoController:
             step = step if step is not None else (self.latest_step or 0)
             structure = self._structure
             seed_states = self._seed_states()
-            base = self._base_parameters
-            kernel = max(self._observed_kernel_parameters(), self._committed_parameters())
+            base = self._run.base_parameters
+            kernel = max(self._observed_kernel_parameters(), self._pending.committed_parameters())
             blocked = self.safety.blocked_layers(
                 step, structure.layer_names, base_parameters=base, kernel_parameters=kernel
             )
             graph = structure.build(
                 self.collector.summaries(),
                 seed_states=seed_states,
-                globals=self._globals(step, base, kernel),
+                globals=self._run.global_state(
+                    step, kernel_parameters=kernel, adaptations=self.adaptations
+                ),
                 step=step,
                 blocked=blocked,
             )
@@ -422,8 +371,7 @@ class TamiyoController:
         if not self._publish(Topic.CONTROL_KASMINA_COMMANDS, decision):
             return CycleResult(step, output, graph)  # never sent: as if the policy had waited
         self.safety.record_adaptation(step, layer)
-        self._committed[decision.decision_id] = (layer, step, proposal.added_parameters)
-        self._reserved[decision.decision_id] = (layer, seed_idx, step)
+        self._pending.add(decision, added_parameters=proposal.added_parameters)
         self.adaptations += 1
         self.counters["decisions"] += 1
         logger.info("decided %s on %r seed %d at step %d", option.name, layer, seed_idx, step)
@@ -448,42 +396,24 @@ class TamiyoController:
         self._targets = targets
 
     def _seed_states(self) -> dict[str, tuple[SeedState, ...]]:
-        """Seed states, with the seeds of decisions not yet applied counted as taken.
-
-        A germination leaves its seed DORMANT until the training side has the kernel; until the
-        seed is seen in use (in the model, or in telemetry newer than the decision) it stays
-        reserved, so two decisions never target one seed.
-        """
+        """Seed states, with the seeds of decisions not yet applied counted as taken (see
+        :meth:`PendingDecisions.with_reserved_seeds`)."""
         if self.model is not None:
             states = {n: self.model.layer(n).seed_states for n in self.model.layer_names}
-            seen_at: dict[str, int] | None = None
-        else:
-            states = self.collector.seed_states()
-            seen_at = self.collector.layer_steps()
-        for decision_id, (layer, seed_idx, step) in list(self._reserved.items()):
-            current = list(states.get(layer, ()))
-            if seed_idx >= len(current):
-                continue
-            fresh = seen_at is None or seen_at.get(layer, -1) > step
-            if current[seed_idx] is not SeedState.DORMANT and fresh:
-                del self._reserved[decision_id]  # applied: telemetry shows it from now on
-            elif current[seed_idx] is SeedState.DORMANT:
-                current[seed_idx] = SeedState.LOADING
-                states[layer] = tuple(current)
-        return states
+            return self._pending.with_reserved_seeds(states, None)
+        return self._pending.with_reserved_seeds(
+            self.collector.seed_states(), self.collector.layer_steps()
+        )
 
     def _observed_kernel_parameters(self) -> int:
         if self.model is None:
-            return self._progress.kernel_parameters if self._progress is not None else 0
+            return self._run.kernel_parameters
         for _ in range(3):  # on a controller thread, a graft may change the modules meanwhile
             try:
                 return sum(p.numel() for p in self.model.kernel_parameters())
             except RuntimeError:
                 continue
-        return self._committed_parameters()
-
-    def _committed_parameters(self) -> int:
-        return sum(params for _, _, params in self._committed.values())
+        return self._pending.committed_parameters()
 
     def _kernel_size(self, spec: BlueprintSpec, target: KernelTarget) -> int:
         key = (spec.canonical_json(), target.model_dump_json())
@@ -491,22 +421,6 @@ class TamiyoController:
             module = build_empty_kernel(spec, target)  # meta device: shapes only
             self._kernel_sizes[key] = sum(p.numel() for p in module.parameters())
         return self._kernel_sizes[key]
-
-    def _globals(self, step: int, base: int, kernel: int) -> GlobalState:
-        losses = list(self._losses)
-        half = len(losses) // 2
-        loss = sum(losses[half:]) / len(losses[half:]) if losses else 0.0
-        trend = 0.0
-        if half:
-            earlier = sum(losses[:half]) / half
-            trend = (loss - earlier) / max(abs(earlier), 1e-8)
-        return GlobalState(
-            progress=min(1.0, step / self.total_steps) if self.total_steps else 0.0,
-            kernel_parameter_fraction=kernel / base if base else 0.0,
-            adaptations=float(self.adaptations),
-            loss=loss,
-            loss_trend=trend,
-        )
 
     # -- autonomous loop -----------------------------------------------------------------------
 
@@ -538,11 +452,8 @@ class TamiyoController:
                 "adaptations": self.adaptations,
                 "counters": dict(self.counters),
                 "last_decision_step": self._last_decision_step,
-                "committed": {k: list(v) for k, v in self._committed.items()},
-                "reserved": {k: list(v) for k, v in self._reserved.items()},
-                "losses": list(self._losses),
-                "total_steps": self.total_steps,
-                "progress": self._progress.model_dump(mode="json") if self._progress else None,
+                **self._pending.state_dict(),
+                **self._run.state_dict(),
                 "topology": self._topology.model_dump(mode="json") if self._topology else None,
             }
 
@@ -557,39 +468,7 @@ class TamiyoController:
             self.adaptations = int(state["adaptations"])
             self.counters = Counter(state["counters"])
             self._last_decision_step = state["last_decision_step"]
-            self._committed = {
-                k: (str(v[0]), int(v[1]), int(v[2])) for k, v in state["committed"].items()
-            }
-            self._reserved = {
-                k: (str(v[0]), int(v[1]), int(v[2])) for k, v in state["reserved"].items()
-            }
-            self._losses = deque((float(x) for x in state["losses"]), maxlen=self._losses.maxlen)
-            self.total_steps = state["total_steps"]
-            progress = state["progress"]
-            self._progress = TrainingProgress.model_validate(progress) if progress else None
+            self._pending.load_state_dict(state)
+            self._run.load_state_dict(state)
             if state["topology"] is not None and self.model is None:
                 self.observe(ModelTopology.model_validate(state["topology"]))
-
-
-def _model_targets(model: MorphableModel) -> dict[str, KernelTarget]:
-    return {name: model.layer(name).target() for name in model.layer_names}
-
-
-def load_policy(spec: str, *, seed: int = 0) -> GrowthPolicy:
-    """A policy by name (``random``, ``round_robin``, ``bottleneck``) or a trained policy's path.
-
-    Raises:
-        ConfigurationError: ``spec`` is neither a baseline name nor a loadable policy.
-    """
-    from esper.tamiyo.baselines import BASELINE_NAMES, make_baseline
-
-    if spec in BASELINE_NAMES:
-        return make_baseline(spec, seed=seed)
-    if not Path(spec).is_file():
-        raise ConfigurationError(
-            f"unknown policy {spec!r}: use one of {', '.join(BASELINE_NAMES)}, or the path of a "
-            "trained policy file (written by GNNPolicy.save)"
-        )
-    from esper.tamiyo.policy import load_gnn_policy  # imports torch_geometric
-
-    return load_gnn_policy(spec, sample_seed=seed)

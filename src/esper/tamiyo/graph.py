@@ -31,7 +31,7 @@ import torch.fx
 from torch import nn
 
 from esper.blueprints import is_compatible
-from esper.contracts import HealthSignal, KernelTarget, LayerKind, SeedState
+from esper.contracts import KernelTarget, LayerKind, SeedState
 from esper.errors import ConfigurationError
 from esper.execution import KasminaLayer
 from esper.tamiyo.observation import (
@@ -89,17 +89,6 @@ class LayerHealthSummary:
             self.log_grad_norm,
             self.grad_norm_zscore,
             float(self.anomaly),
-        )
-
-    @classmethod
-    def from_signal(cls, signal: HealthSignal) -> LayerHealthSummary:
-        """An unsmoothed summary of one telemetry window (no z-score, no anomaly flag)."""
-        grad = signal.grad_norm
-        return cls(
-            output_mean=signal.output_mean,
-            output_std=signal.output_std,
-            dead_fraction=signal.dead_fraction,
-            log_grad_norm=math.log(grad + 1e-12) if grad is not None and grad > 0 else 0.0,
         )
 
 
@@ -340,7 +329,7 @@ def build_layer_graph(
     structure = graph_structure(model)
     free, running, has_free = [], [], []
     for name, layer in zip(structure.layer_names, _nodes(model), strict=True):
-        layout = layer.seed_state
+        layout = layer.seed_layout
         dormant = [slot.state for slot in layout.slots].count(SeedState.DORMANT)
         free.append(dormant / layout.num_seeds)
         running.append(float(len(layout.running)))

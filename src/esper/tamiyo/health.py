@@ -46,7 +46,6 @@ from esper.tamiyo.graph import LayerHealthSummary
 
 logger = logging.getLogger(__name__)
 
-_EMA_FIELDS = ("output_mean", "output_std", "dead_fraction", "log_grad_norm")
 _EPS = 1e-12
 
 

@@ -272,10 +272,6 @@ class GNNPolicy(nn.Module):
             uncertainty=spread,
         )
 
-    def reseed(self, sample_seed: int) -> None:
-        """Restart the exploration sampler from ``sample_seed``."""
-        self._generator.manual_seed(sample_seed)
-
     # -- persistence ---------------------------------------------------------------------------
 
     def to_bytes(self, *, extra: dict[str, Any] | None = None) -> bytes:

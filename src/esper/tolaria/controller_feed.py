@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from esper.contracts import Contract, TrainingProgress
+from esper.contracts import Contract, Topic, TrainingProgress
 from esper.core import MorphableModel
 from esper.oona import BackgroundPublisher
-from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, model_topology
+from esper.tamiyo.topology import model_topology
 from esper.tolaria.germination import Loss, materialize
 
 
@@ -51,7 +51,7 @@ class ControllerFeed:
         self._losses: list[Loss] = []
         model.on_kernel_grafted(self._count_kernel(+1))  # kept current without a model walk
         model.on_kernel_removed(self._count_kernel(-1))
-        self.publish(TOPOLOGY_TOPIC, model_topology(model, run_id=run_id))
+        self.publish(Topic.TELEMETRY_TOPOLOGY, model_topology(model, run_id=run_id))
 
     def _count_kernel(self, sign: int) -> Callable[[str, int, nn.Module], None]:
         def count(layer_name: str, seed_idx: int, module: nn.Module) -> None:
@@ -73,7 +73,7 @@ class ControllerFeed:
             self._losses = []
             finite = [x for x in losses if math.isfinite(x)]
             self.publish(
-                PROGRESS_TOPIC,
+                Topic.TELEMETRY_PROGRESS,
                 TrainingProgress(
                     run_id=self.run_id,
                     step=step,

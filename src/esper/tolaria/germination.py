@@ -182,4 +182,4 @@ def materialize(losses: list[Loss]) -> list[float]:
 def seed_slot(model: MorphableModel, layer_name: str, seed_idx: int) -> SeedSlot:
     """The host-side facts of one seed (its kernel id, its fault count): the one place Tolaria
     reads them."""
-    return model.layer(layer_name).seed_state.slots[seed_idx]
+    return model.layer(layer_name).seed_layout.slots[seed_idx]

@@ -48,8 +48,8 @@ import esper.tamiyo
 from esper.core import MorphableModel
 from esper.errors import ConfigurationError
 from esper.tamiyo.baselines import BASELINE_NAMES
-from esper.tamiyo.controller import load_policy
 from esper.tamiyo.observation import GrowthPolicy
+from esper.tamiyo.policy_loading import load_policy
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tolaria.bounded_input import excerpt
 from esper.tolaria.config import GrowthSection, RunConfig
@@ -71,7 +71,7 @@ PRETRAINED_POLICY = Path(esper.tamiyo.__file__).parent / "pretrained" / "bottlen
 
 
 def policy_path(policy: str) -> str:
-    """``growth.policy`` as :func:`~esper.tamiyo.controller.load_policy` takes it: ``pretrained``
+    """``growth.policy`` as :func:`~esper.tamiyo.policy_loading.load_policy` takes it: ``pretrained``
     names the shipped GNN policy; baseline names and file paths pass through."""
     return str(PRETRAINED_POLICY) if policy == "pretrained" else policy
 

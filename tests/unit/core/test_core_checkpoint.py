@@ -66,7 +66,7 @@ def _round_trip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _seed_view(model: esper.MorphableModel) -> dict[str, list[tuple[object, ...]]]:
     return {
-        name: [(s.state, s.alpha, s.kernel_id, s.blend_steps_done) for s in layer.seed_state.slots]
+        name: [(s.state, s.alpha, s.kernel_id, s.blend_steps_done) for s in layer.seed_layout.slots]
         for name, layer in model.layers.items()
     }
 
@@ -87,7 +87,7 @@ def test_a_fresh_wrap_reproduces_the_morphed_model(
     assert restored.layer("conv").seed_states == (D, A)
     assert restored.layer("fc1").seed_states == (B, D)
     assert restored.layer("fc2").seed_states == (F, D)
-    assert restored.layer("fc1").seed_state.slots[0].alpha == 0.5
+    assert restored.layer("fc1").seed_layout.slots[0].alpha == 0.5
     assert restored.global_step == model.global_step == 6
     for name, tensor in model.state_dict().items():
         assert torch.equal(restored.state_dict()[name], tensor), name
@@ -145,8 +145,8 @@ def test_a_seed_caught_loading_comes_back_dormant(
     restored.load_state_dict(model.state_dict())
 
     assert restored.seed_state("fc1", 1) is SeedState.DORMANT
-    assert restored.layer("fc1").seed_state.slots[1].kernel_id is None
-    assert int(restored.layer("fc1").seed_state.kernel_id.sum()) == 0
+    assert restored.layer("fc1").seed_layout.slots[1].kernel_id is None
+    assert int(restored.layer("fc1").seed_layout.kernel_id.sum()) == 0
 
 
 def test_to_float64_moves_buffers_and_kernels(
@@ -161,9 +161,9 @@ def test_to_float64_moves_buffers_and_kernels(
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert len(list(model.kernel_parameters())) > 0
     layer = model.layer("fc1")
-    assert layer.seed_state.alpha.dtype == torch.float64
-    assert layer.seed_state.lifecycle.dtype == torch.int8  # integer buffers keep their type
-    assert layer.seed_state.kernel_id.dtype == torch.uint8
+    assert layer.seed_layout.alpha.dtype == torch.float64
+    assert layer.seed_layout.lifecycle.dtype == torch.int8  # integer buffers keep their type
+    assert layer.seed_layout.kernel_id.dtype == torch.uint8
     assert layer.target().dtype == "float64"
     y = model(x.double())
     assert y.dtype == torch.float64
@@ -175,8 +175,8 @@ def test_to_float64_moves_buffers_and_kernels(
     assert torch.allclose(layer(h), layer.base(h) + 0.5 * kernel(h), atol=1e-12, rtol=0)
 
     model.step()  # the ramp writes into the moved buffers
-    assert layer.seed_state.slots[0].alpha == 0.75
-    assert float(layer.seed_state.alpha[0]) == 0.75
+    assert layer.seed_layout.slots[0].alpha == 0.75
+    assert float(layer.seed_layout.alpha[0]) == 0.75
 
 
 def test_a_kernel_grafted_after_a_dtype_move_takes_the_new_dtype(

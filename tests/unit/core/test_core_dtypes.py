@@ -69,9 +69,9 @@ def test_a_finite_kernel_is_kept_in_every_dtype(
     assert not signal.seeds[0].nonfinite_output
     assert 0 < signal.seeds[0].contribution_rms < float("inf")
     assert 0 < signal.output_std < float("inf")
-    assert layer.seed_state.alpha.dtype == dtype
-    assert layer.seed_state.layer_health.dtype == _accumulator_dtype(dtype)
-    assert layer.seed_state.seed_health.dtype == _accumulator_dtype(dtype)
+    assert layer.seed_layout.alpha.dtype == dtype
+    assert layer.seed_layout.layer_health.dtype == _accumulator_dtype(dtype)
+    assert layer.seed_layout.seed_health.dtype == _accumulator_dtype(dtype)
 
 
 def test_a_float64_model_blends_in_float64(
@@ -85,7 +85,7 @@ def test_a_float64_model_blends_in_float64(
         h = model.model[1](model.model[0](x))
         expected = model.layer("2").base(h) + 0.3 * kernel(h)
 
-    assert model.layer("2").seed_state.alpha[0].item() == 0.3  # exactly the float64 0.3
+    assert model.layer("2").seed_layout.alpha[0].item() == 0.3  # exactly the float64 0.3
     assert torch.allclose(y, expected, rtol=1e-13, atol=1e-13)
 
 
@@ -100,15 +100,15 @@ def test_converting_a_wrapped_model_keeps_health_accumulators_wide(
     model(x)
     signal = next(s for s in model.collect_telemetry() if s.layer_name == "2")
 
-    assert layer.seed_state.alpha.dtype == torch.float16
-    assert layer.seed_state.layer_health.dtype == torch.float32
-    assert layer.seed_state.seed_health.dtype == torch.float32
+    assert layer.seed_layout.alpha.dtype == torch.float16
+    assert layer.seed_layout.layer_health.dtype == torch.float32
+    assert layer.seed_layout.seed_health.dtype == torch.float32
     assert signal.output_std**2 > FLOAT16_MAX  # would have overflowed a float16 accumulator
     assert signal.output_std < float("inf")
     assert model.seed_state("2", 0) is SeedState.BLENDING
     model.double()
-    assert layer.seed_state.alpha.dtype == torch.float64
-    assert layer.seed_state.seed_health.dtype == torch.float64
+    assert layer.seed_layout.alpha.dtype == torch.float64
+    assert layer.seed_layout.seed_health.dtype == torch.float64
 
 
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -44,8 +44,8 @@ def test_load_kernel_awaits_without_blocking_and_grafts(
 
     assert model.seed_state("2", 1) is SeedState.BLENDING
     assert model.layer("2").kernel(1) is kernel
-    assert model.layer("2").seed_state.slots[1].kernel_id == kernel_id
-    assert model.layer("2").seed_state.slots[1].alpha == 0.0
+    assert model.layer("2").seed_layout.slots[1].kernel_id == kernel_id
+    assert model.layer("2").seed_layout.slots[1].alpha == 0.0
 
 
 def test_request_kernel_grafts_at_the_next_step_and_ramps(
@@ -58,7 +58,7 @@ def test_request_kernel_grafts_at_the_next_step_and_ramps(
     seen = []
     for _ in range(6):
         model.step()
-        seen.append((model.seed_state("0", 0), model.layer("0").seed_state.slots[0].alpha))
+        seen.append((model.seed_state("0", 0), model.layer("0").seed_layout.slots[0].alpha))
 
     B, A = SeedState.BLENDING, SeedState.ACTIVE
     assert seen == [(B, 0.0), (B, 0.25), (B, 0.5), (B, 0.75), (A, 1.0), (A, 1.0)]
@@ -279,7 +279,7 @@ def test_a_transient_kernel_fault_is_bypassed_and_recovers_on_retry(
 
     assert torch.equal(out, plain(x))
     assert model.seed_state("2", 0) is SeedState.ERROR_RECOVERY
-    assert model.layer("2").seed_state.slots[0].retry_after_step == 2
+    assert model.layer("2").seed_layout.slots[0].retry_after_step == 2
     states = []
     for _ in range(3):
         model.step()
@@ -290,4 +290,4 @@ def test_a_transient_kernel_fault_is_bypassed_and_recovers_on_retry(
     recovered = model.layer("2").kernel(0)
     assert recovered is not None and recovered is not faulty
     assert torch.equal(model(x), plain(x))  # a fresh zero-initialised kernel at alpha 0
-    assert model.layer("2").seed_state.slots[0].error_count == 1
+    assert model.layer("2").seed_layout.slots[0].error_count == 1

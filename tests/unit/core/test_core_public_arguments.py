@@ -145,7 +145,7 @@ def _snapshot(model: esper.MorphableModel, optimizer: torch.optim.Optimizer) -> 
     return (
         {k: v.clone() for k, v in model.state_dict().items()},
         {
-            name: [dataclasses.replace(slot) for slot in layer.seed_state.slots]
+            name: [dataclasses.replace(slot) for slot in layer.seed_layout.slots]
             for name, layer in model.layers.items()
         },
         {name: sorted(layer.seeds.keys()) for name, layer in model.layers.items()},
@@ -189,7 +189,7 @@ SEED_METHODS: dict[str, Call] = {
         seed_idx=i,
         alpha=0.3,  # type: ignore[arg-type]
     ),
-    "MorphableModel.seed_state": lambda m, i, k: m.seed_state("0", i),  # type: ignore[arg-type]
+    "MorphableModel.seed_layout": lambda m, i, k: m.seed_state("0", i),  # type: ignore[arg-type]
     "KasminaLayer.request_kernel": lambda m, i, k: m.layer("0").request_kernel(i, k),  # type: ignore[arg-type]
     "KasminaLayer.complete_load": lambda m, i, k: m.layer("0").complete_load(i),  # type: ignore[arg-type]
     "KasminaLayer.unload": lambda m, i, k: m.layer("0").unload(i),  # type: ignore[arg-type]
@@ -224,7 +224,7 @@ def test_a_numpy_integer_is_a_valid_seed_index(
     model, _ = grown
     model.set_seed_alpha("0", seed_idx=np.int64(0), alpha=0.75)  # type: ignore[arg-type]
 
-    assert model.layer("0").seed_state.slots[0].alpha == 0.75
+    assert model.layer("0").seed_layout.slots[0].alpha == 0.75
     assert list(model.layer("0").seeds.keys()) == ["0"]
 
 

@@ -157,7 +157,7 @@ def test_malformed_spec_tensors_are_refused(
         "shape",
     ],
 )
-def test_invalid_seed_state_buffers_are_refused(
+def test_invalid_seed_layout_buffers_are_refused(
     source: InMemoryArtifactSource,
     germinate: Germinate,
     key: str,

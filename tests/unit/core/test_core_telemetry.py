@@ -111,8 +111,8 @@ def test_accumulators_reset_after_reading(probe: esper.MorphableModel) -> None:
     assert all((s.output_mean, s.output_std, s.dead_fraction) == (0.0, 0.0, 0.0) for s in second)
     assert all(s.grad_norm is None for s in second)  # no backward ever ran
     for layer in probe.layers.values():
-        assert int(layer.seed_state.layer_health.abs().sum()) == 0
-        assert int(layer.seed_state.seed_health.abs().sum()) == 0
+        assert int(layer.seed_layout.layer_health.abs().sum()) == 0
+        assert int(layer.seed_layout.seed_health.abs().sum()) == 0
 
 
 def test_only_one_forward_per_armed_step_is_recorded(source: InMemoryArtifactSource) -> None:
@@ -169,7 +169,7 @@ def test_seed_health_reports_the_contribution_of_a_running_kernel(
     expected_rms = (0.5 * kernel(x)).square().mean().sqrt().item()
     assert seed.state is SeedState.BLENDING
     assert seed.alpha == 0.5
-    assert seed.kernel_id == probe.layer("fc").seed_state.slots[1].kernel_id
+    assert seed.kernel_id == probe.layer("fc").seed_layout.slots[1].kernel_id
     assert seed.contribution_rms == pytest.approx(expected_rms, rel=1e-5)
     assert expected_rms > 0
     assert not seed.nonfinite_output

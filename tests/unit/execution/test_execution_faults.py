@@ -44,7 +44,7 @@ def test_a_raising_kernel_is_bypassed_retried_with_backoff_then_given_up(
     for step in range(1, 12):
         layer.advance(step)
         outputs_equal_base.append(torch.equal(layer(x), expected))
-        slot = layer.seed_state.slots[0]
+        slot = layer.seed_layout.slots[0]
         history[step] = (slot.state, slot.error_count, slot.retry_after_step)
 
     E, D = SeedState.ERROR_RECOVERY, SeedState.DORMANT
@@ -62,9 +62,9 @@ def test_a_raising_kernel_is_bypassed_retried_with_backoff_then_given_up(
     assert isinstance(layer.last_errors[0], RuntimeError)
     assert "exploded on purpose" in str(layer.last_errors[0])
     assert layer.kernel(0) is None
-    assert layer.seed_state.slots[0].kernel_id is None
-    assert layer.seed_state.lifecycle.tolist() == [int(D)]
-    assert layer.seed_state.error_count.tolist() == [3]
+    assert layer.seed_layout.slots[0].kernel_id is None
+    assert layer.seed_layout.lifecycle.tolist() == [int(D)]
+    assert layer.seed_layout.error_count.tolist() == [3]
     # Every load after the first was a cache hit: retries never refetch.
     assert cache.stats().misses == 1
     assert cache.stats().hits == 2
@@ -85,7 +85,7 @@ def test_a_faulted_kernel_is_not_called_again_before_its_retry(
         layer.advance(step)
 
     assert layer.seed_states == (SeedState.ERROR_RECOVERY,)
-    assert layer.seed_state.slots[0].error_count == 1
+    assert layer.seed_layout.slots[0].error_count == 1
 
 
 def test_a_raising_seed_does_not_stop_the_others(graft: Graft, raising_spec: BlueprintSpec) -> None:
@@ -112,7 +112,7 @@ def test_a_new_kernel_in_a_seed_that_gave_up_gets_its_full_retries(
     raising_id = add_artifact(layer.target(), raising_spec)
     x = torch.randn(2, 8)
     step = 0
-    while layer.seed_state.slots[0].error_count <= layer.max_retries:
+    while layer.seed_layout.slots[0].error_count <= layer.max_retries:
         if layer.seed_states[0] is SeedState.DORMANT:
             layer.request_kernel(0, raising_id).result(timeout=30)
         step += 1
@@ -127,7 +127,7 @@ def test_a_new_kernel_in_a_seed_that_gave_up_gets_its_full_retries(
     layer(x)
 
     assert layer.seed_states == (SeedState.ERROR_RECOVERY,)
-    assert layer.seed_state.slots[0].error_count == 1
+    assert layer.seed_layout.slots[0].error_count == 1
 
 
 @pytest.mark.parametrize("poison", [math.nan, math.inf])

@@ -136,7 +136,7 @@ def test_grafting_is_function_preserving_at_alpha_0_and_1(kind: Kind, graft: Gra
 
     graft(layer, 0, kind.spec, perturb=False)
     assert layer.seed_states[0] is SeedState.BLENDING
-    assert layer.seed_state.slots[0].alpha == 0.0
+    assert layer.seed_layout.slots[0].alpha == 0.0
     assert torch.equal(kind.call(layer, x), expected)
 
     layer.set_alpha(0, 1.0)
@@ -172,10 +172,10 @@ def test_alpha_ramps_linearly_then_the_seed_is_active(graft: Graft) -> None:
     seen = []
 
     for step in range(1, 7):
-        alpha = layer.seed_state.slots[1].alpha
+        alpha = layer.seed_layout.slots[1].alpha
         y = layer(x)
         assert torch.allclose(y, layer.base(x) + alpha * kernel(x), atol=1e-6)
-        seen.append((layer.seed_states[1], alpha, float(layer.seed_state.alpha[1])))
+        seen.append((layer.seed_states[1], alpha, float(layer.seed_layout.alpha[1])))
         layer.advance(step)
 
     B, A = SeedState.BLENDING, SeedState.ACTIVE
@@ -187,7 +187,7 @@ def test_alpha_ramps_linearly_then_the_seed_is_active(graft: Graft) -> None:
         (A, 1.0, 1.0),
         (A, 1.0, 1.0),
     ]
-    assert layer.seed_state.blend_steps.tolist() == [0, 4]
+    assert layer.seed_layout.blend_steps.tolist() == [0, 4]
     assert layer.seed_states[0] is SeedState.DORMANT
 
 
@@ -200,7 +200,7 @@ def test_a_load_finished_in_the_background_is_grafted_at_alpha_0_at_the_next_ste
 
     future = layer.request_kernel(0, kernel_id)
     assert layer.seed_states == (SeedState.LOADING,)
-    assert layer.seed_state.slots[0].kernel_id == kernel_id
+    assert layer.seed_layout.slots[0].kernel_id == kernel_id
     assert layer.kernel(0) is None
     future.result(timeout=30)
     assert layer.seed_states == (SeedState.LOADING,)  # nothing changes between steps
@@ -208,7 +208,7 @@ def test_a_load_finished_in_the_background_is_grafted_at_alpha_0_at_the_next_ste
     alphas = []
     for step in range(1, 7):
         layer.advance(step)
-        alphas.append((layer.seed_states[0], layer.seed_state.slots[0].alpha))
+        alphas.append((layer.seed_states[0], layer.seed_layout.slots[0].alpha))
 
     B, A = SeedState.BLENDING, SeedState.ACTIVE
     assert alphas == [(B, 0.0), (B, 0.25), (B, 0.5), (B, 0.75), (A, 1.0), (A, 1.0)]
@@ -239,7 +239,7 @@ def test_fossilize_keeps_the_kernel_running(graft: Graft) -> None:
     x = torch.randn(2, 8)
 
     assert layer.seed_states == (SeedState.FOSSILIZED,)
-    assert layer.seed_state.lifecycle.tolist() == [int(SeedState.FOSSILIZED)]
+    assert layer.seed_layout.lifecycle.tolist() == [int(SeedState.FOSSILIZED)]
     assert torch.allclose(layer(x), layer.base(x) + kernel(x), atol=1e-6)
     layer.advance(2)  # nothing ramps or drops a fossilized kernel
     assert layer.kernel(0) is kernel
@@ -251,8 +251,8 @@ def test_fossilize_keeps_the_kernel_running(graft: Graft) -> None:
 def _snapshot(layer: KasminaLayer) -> tuple[object, ...]:
     return (
         layer.seed_states,
-        [copy.copy(s) for s in layer.seed_state.slots],
-        {k: v.clone() for k, v in layer.seed_state.state_dict().items()},
+        [copy.copy(s) for s in layer.seed_layout.slots],
+        {k: v.clone() for k, v in layer.seed_layout.state_dict().items()},
         [layer.kernel(i) for i in range(layer.num_seeds)],
     )
 
@@ -286,7 +286,7 @@ def test_illegal_lifecycle_calls_raise_and_change_nothing(
         layer.request_kernel(0, other_id)
 
     assert _same(_snapshot(layer), before)
-    assert layer.seed_state.slots[0].kernel_id != other_id
+    assert layer.seed_layout.slots[0].kernel_id != other_id
 
 
 def test_unload_returns_the_seed_to_an_exact_dormant_state(graft: Graft) -> None:
@@ -302,9 +302,9 @@ def test_unload_returns_the_seed_to_an_exact_dormant_state(graft: Graft) -> None
     assert layer.seed_states == (SeedState.DORMANT, SeedState.DORMANT)
     assert layer.kernel(0) is None and layer.kernel(1) is None
     assert len(layer.seeds) == 0
-    assert layer.seed_state.alpha.tolist() == [0.0, 0.0]
-    assert int(layer.seed_state.kernel_id.sum()) == 0
-    assert [s.kernel_id for s in layer.seed_state.slots] == [None, None]
+    assert layer.seed_layout.alpha.tolist() == [0.0, 0.0]
+    assert int(layer.seed_layout.kernel_id.sum()) == 0
+    assert [s.kernel_id for s in layer.seed_layout.slots] == [None, None]
     assert torch.equal(layer(x), layer.base(x))
     assert not any(k.startswith("seeds.") for k in layer.state_dict())
 
@@ -332,7 +332,7 @@ def test_set_alpha_is_validated(graft: Graft) -> None:
         layer.set_alpha(0, -0.1)
     with pytest.raises(ConfigurationError, match="DORMANT"):
         layer.set_alpha(1, 0.5)
-    assert layer.seed_state.alpha.tolist() == [0.0, 0.0]
+    assert layer.seed_layout.alpha.tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("bad_index", [-1, 3, 100, "0", 1.0])
@@ -390,7 +390,7 @@ def test_kernel_built_for_another_geometry_is_refused(
     assert layer.seed_states == (SeedState.DORMANT,)
     assert isinstance(layer.last_errors[0], KernelShapeMismatchError)
     assert layer.kernel(0) is None
-    assert layer.seed_state.slots[0].kernel_id is None
+    assert layer.seed_layout.slots[0].kernel_id is None
 
 
 class Recorder:
@@ -472,7 +472,7 @@ def test_stats_count_parameters_and_states(graft: Graft) -> None:
     assert stats.seeds_by_state[SeedState.DORMANT] == 2
     assert stats.seeds_by_state[SeedState.BLENDING] == 1
     assert stats.kernel_ids[:2] == (None, None)
-    assert stats.kernel_ids[2] == layer.seed_state.slots[2].kernel_id
+    assert stats.kernel_ids[2] == layer.seed_layout.slots[2].kernel_id
 
 
 @pytest.mark.parametrize("bad_id", ["not-a-sha", "A" * 64, "0" * 63])

@@ -1,17 +1,21 @@
 """Seed state layout: device buffers with a host mirror; validated transitions change nothing when
-illegal; the mirror rebuilds from the buffers."""
+illegal; the mirror rebuilds from the buffers; a layer saves it under the keys it always had."""
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch import nn
 
 from esper.contracts import TRANSITIONS, SeedState, is_legal_transition
 from esper.errors import IllegalTransitionError
-from esper.execution import SeedStateLayout
+from esper.execution import KasminaLayer, SeedStateLayout
+
+Graft = Callable[..., nn.Module]  # the conftest fixture: (layer, seed_idx, spec) -> kernel
 
 
 def _path_to(state: SeedState) -> list[SeedState]:
@@ -136,3 +140,40 @@ def test_reset_health_zeroes_the_accumulators_only() -> None:
     assert torch.equal(layout.layer_health, torch.zeros(4))
     assert torch.equal(layout.seed_health, torch.zeros(2, 3))
     assert layout.alpha.tolist() == [0.5, 0.0]
+
+
+SEED_LAYOUT_KEYS = [
+    f"seed_state.{name}"
+    for name in (
+        "lifecycle",
+        "alpha",
+        "kernel_id",
+        "error_count",
+        "retry_after_step",
+        "blend_steps",
+        "layer_health",
+        "seed_health",
+    )
+]
+"""The state-dict keys of a layer's seed layout, as every checkpoint so far has them."""
+
+
+def test_the_seed_layout_keeps_the_checkpoint_keys_it_always_had(graft: Graft) -> None:
+    layer = KasminaLayer(nn.Linear(8, 6), num_seeds=2, health_every=0)
+    graft(layer, 1)
+    layer.set_alpha(1, 0.5)
+    state = layer.state_dict()
+    keys = list(state)
+    assert keys[:2] == ["base.weight", "base.bias"]
+    assert keys[2:10] == SEED_LAYOUT_KEYS
+    assert keys[10] == "seeds.1.spec" and all(k.startswith("seeds.1.kernel.") for k in keys[11:])
+    assert layer.seed_layout is dict(layer.named_children())["seed_state"]
+    # A checkpoint written before ``layer.seed_layout`` had that name (same keys) loads into it.
+    saved = {k: v.clone() for k, v in state.items()}
+    restored = KasminaLayer(nn.Linear(8, 6), num_seeds=2, health_every=0)
+    restored.load_state_dict(saved)
+    assert restored.seed_states == (SeedState.DORMANT, SeedState.BLENDING)
+    assert restored.seed_layout.slots[1].alpha == 0.5
+    assert restored.seed_layout.slots[1].kernel_id == layer.seed_layout.slots[1].kernel_id
+    x = torch.randn(3, 8)
+    assert torch.equal(restored(x), layer(x))

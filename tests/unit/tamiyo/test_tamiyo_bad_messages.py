@@ -28,9 +28,10 @@ from esper.contracts import (
 from esper.errors import ConfigurationError
 from esper.oona import InProcessBus
 from esper.tamiyo.baselines import BottleneckPolicy
-from esper.tamiyo.controller import TamiyoController, model_topology
+from esper.tamiyo.controller import TamiyoController
 from esper.tamiyo.controller_loop import CONTROLLER_TOPICS
 from esper.tamiyo.health import HealthCollector
+from esper.tamiyo.topology import model_topology
 
 RUN = "r"
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import esper
 from esper.blueprints import create_artifact
-from esper.contracts import HealthSignal, LayerKind, SeedState
+from esper.contracts import SeedState
 from esper.errors import ConfigurationError
 from esper.execution import InMemoryArtifactSource
 from esper.tamiyo.graph import (
@@ -133,26 +133,6 @@ def test_health_columns_come_from_summaries_and_missing_layers_are_zero() -> Non
     assert health[2].tolist() == [0.5, 2.0, 0.25, -1.5, 3.0, 1.0]
     assert health[[0, 1, 3, 4]].abs().sum().item() == 0.0
     assert graph.step == 7
-
-
-def test_summary_from_signal_takes_log_of_grad_norm() -> None:
-    signal = HealthSignal(
-        layer_name="a",
-        layer_kind=LayerKind.LINEAR,
-        step=10,
-        timestamp=0.0,
-        samples=2,
-        output_mean=0.1,
-        output_std=0.3,
-        dead_fraction=0.5,
-        grad_norm=math.e**2,
-        seeds=(),
-    )
-    summary = LayerHealthSummary.from_signal(signal)
-    assert summary.log_grad_norm == pytest.approx(2.0)
-    assert (summary.output_mean, summary.output_std, summary.dead_fraction) == (0.1, 0.3, 0.5)
-    no_grad = LayerHealthSummary.from_signal(signal.model_copy(update={"grad_norm": None}))
-    assert no_grad.log_grad_norm == 0.0
 
 
 def test_globals_are_placed_in_global_feature_order() -> None:

@@ -37,10 +37,11 @@ from esper.contracts import (
     TrainingProgress,
 )
 from esper.oona import InProcessBus, OonaTelemetrySink
-from esper.tamiyo.controller import CycleResult, TamiyoController, load_policy, model_topology
+from esper.tamiyo.controller import CycleResult, TamiyoController
 from esper.tamiyo.graph import FEATURE_LIMIT, GlobalState, LayerHealthSummary
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import GrowthPolicy
+from esper.tamiyo.policy_loading import load_policy
 from esper.tamiyo.reward import AdaptationOutcome, RewardWeights, compute_reward
 from esper.tamiyo.safety import (
     GATE_CONFIDENCE,
@@ -49,6 +50,7 @@ from esper.tamiyo.safety import (
     SafetyConfig,
     SafetyGates,
 )
+from esper.tamiyo.topology import model_topology
 from esper.tolaria.growth import PRETRAINED_POLICY
 
 RUN = "run-nan"
@@ -390,7 +392,7 @@ def test_zero_spread_windows_and_huge_values_keep_zscores_and_features_finite(
 def test_the_graph_builder_bounds_nonfinite_summaries_and_globals(
     topology: ModelTopology,
 ) -> None:
-    from esper.tamiyo.controller import topology_structure
+    from esper.tamiyo.topology import topology_structure
 
     structure = topology_structure(topology)
     poisoned = LayerHealthSummary(

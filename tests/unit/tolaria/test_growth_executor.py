@@ -32,10 +32,10 @@ from esper.contracts import (
 )
 from esper.core import MorphableModel
 from esper.oona import InProcessBus
-from esper.tamiyo.controller import PROGRESS_TOPIC, TOPOLOGY_TOPIC, model_topology
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
 from esper.tamiyo.reward import REWARD_COMPONENTS, AdaptationOutcome, reward_components
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, SafetyConfig, SafetyGates
+from esper.tamiyo.topology import model_topology
 from esper.tezzeret import TezzeretWorker
 from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
@@ -205,7 +205,7 @@ def test_germinate_compiles_grafts_trains_evaluates_and_fossilizes(
         sum(report.weights[k] * v for k, v in report.components.items())
     )
     assert run.executor.counters["germinated"] == 1 and run.executor.counters["fossilized"] == 1
-    progress = _drain(bus, PROGRESS_TOPIC, TrainingProgress)
+    progress = _drain(bus, Topic.TELEMETRY_PROGRESS, TrainingProgress)
     assert progress[-1].step == outcomes[-1].step
     assert progress[-1].kernel_parameters == kernel_params  # counted on graft, not by a walk
     assert progress[0].kernel_parameters == 0
@@ -309,8 +309,8 @@ def test_a_loss_spike_rolls_the_graft_back(library: ArtifactLibrary) -> None:
 def test_refusals_name_why_a_decision_could_not_be_applied(library: ArtifactLibrary) -> None:
     bus = InProcessBus()
     run = _run(library, bus)
-    run.model.layer("2").seed_state.transition(0, SeedState.LOADING, where="test")  # occupy "2"
-    run.model.layer("2").seed_state.transition(1, SeedState.LOADING, where="test")
+    run.model.layer("2").seed_layout.transition(0, SeedState.LOADING, where="test")  # occupy "2"
+    run.model.layer("2").seed_layout.transition(1, SeedState.LOADING, where="test")
     decisions = [
         _germinate("nope"),
         _germinate("2"),
@@ -447,8 +447,8 @@ def test_topology_and_progress_are_published_for_a_remote_controller(
         run.step(loss_override=2.0)
     run.close()
 
-    topology = _drain(bus, TOPOLOGY_TOPIC, ModelTopology)
-    progress = _drain(bus, PROGRESS_TOPIC, TrainingProgress)
+    topology = _drain(bus, Topic.TELEMETRY_TOPOLOGY, ModelTopology)
+    progress = _drain(bus, Topic.TELEMETRY_PROGRESS, TrainingProgress)
     assert topology == [model_topology(run.model, run_id="run-1")]
     assert [(p.step, p.loss, p.total_steps) for p in progress] == [(5, 2.0, 100), (10, 2.0, 100)]
     assert progress[0].base_parameters == sum(p.numel() for p in run.model.base_parameters())

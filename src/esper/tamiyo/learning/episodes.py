@@ -305,7 +305,7 @@ def run_episode(
     before = losses[max(0, first_decision - window) : first_decision]
     after = losses[germinations[0].step : germinations[0].step + window] if germinations else []
     faults = sum(
-        layer.seed_state.slots[i].error_count
+        layer.seed_layout.slots[i].error_count
         for layer in (model.layer(n) for n in model.layer_names)
         for i in range(layer.num_seeds)
     )

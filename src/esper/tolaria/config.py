@@ -13,16 +13,26 @@ Override values are parsed as YAML (``train.lr=3e-3``, ``host.hidden=[16,16]``,
 from __future__ import annotations
 
 import difflib
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from esper.contracts.safety import (
+    AdaptationCount,
+    Confidence,
+    CooldownSteps,
+    LossSpikeTolerance,
+    ParameterFraction,
+)
 from esper.errors import ConfigurationError
 from esper.tolaria.bounded_input import clip, excerpt, load_yaml, read_config_text
+
+logger = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 10
 """Problems of an invalid config listed in its error (then a count of the others)."""
@@ -167,6 +177,12 @@ class GrowthSection(Section):
     deterministic in step. Every compatible catalog blueprint is precompiled for every seeded
     layer before training starts (``precompile``, ``warm_start``), so germinations find their
     kernels compiled.
+
+    The safety keys (``max_adaptations``, ``cooldown_steps``, ``max_parameter_fraction``,
+    ``min_confidence``, ``loss_spike_tolerance``) are fields of
+    :class:`~esper.contracts.safety.SafetyConfig`, with its names and ranges (only the defaults
+    differ; the rate limit's window is the whole run). Their old names (:data:`RENAMED_KEYS`)
+    still load, with a warning.
     """
 
     enabled: bool = True
@@ -197,16 +213,18 @@ class GrowthSection(Section):
     in the background during the first steps."""
     evaluation_steps: int = Field(default=100, ge=1)
     """Steps after a seed turns ACTIVE before it is evaluated (reward; fossilize or cull)."""
-    max_seeds: int = Field(default=4, ge=0)
-    """Germinations allowed in the run."""
-    cooldown_steps: int = Field(default=100, ge=0)
+    max_adaptations: AdaptationCount = 4
+    """Germinations allowed in the run (formerly ``max_seeds``)."""
+    cooldown_steps: CooldownSteps = 100
     """Steps a layer waits after a germination before it may grow again."""
-    max_parameter_ratio: float = Field(default=1.0, gt=0)
-    """Grafted parameters may not exceed this fraction of the base parameters."""
-    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    max_parameter_fraction: ParameterFraction = 1.0
+    """Grafted parameters may not exceed this fraction of the base parameters (formerly
+    ``max_parameter_ratio``)."""
+    min_confidence: Confidence = 0.0
     """Refuse decisions the policy is less sure of."""
-    loss_spike_ratio: float = Field(default=1.5, gt=1)
-    """Cull a graft whose evaluation-window loss exceeds the pre-graft loss by this factor."""
+    loss_spike_tolerance: LossSpikeTolerance = 0.5
+    """Cull a graft whose evaluation-window mean loss rises more than this fraction above the
+    pre-graft mean (0.5: by half; formerly ``loss_spike_ratio``, which was 1 + this)."""
 
 
 class UrzaSection(Section):
@@ -241,6 +259,63 @@ class RunConfig(Section):
 
 
 # -- loading --------------------------------------------------------------------------------------
+
+
+def _same(value: Any, old: str) -> Any:
+    return value
+
+
+def _ratio_to_tolerance(value: Any, old: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"{old} must be a number (a ratio such as 1.5), got {excerpt(value)}; better, write "
+            "growth.loss_spike_tolerance: 0.5 (the ratio minus 1)"
+        )
+    return value - 1.0
+
+
+RENAMED_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "growth.max_seeds": ("growth.max_adaptations", _same),
+    "growth.max_parameter_ratio": ("growth.max_parameter_fraction", _same),
+    "growth.loss_spike_ratio": ("growth.loss_spike_tolerance", _ratio_to_tolerance),
+}
+"""Old config keys that still load: each one's current name and how its value converts (a loss
+spike *ratio* of 1.5 is a *tolerance* of 0.5). The keys now have the names of the
+:class:`~esper.contracts.safety.SafetyConfig` fields they set."""
+
+
+def rename_old_keys(data: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """``data`` with every old key of :data:`RENAMED_KEYS` under its current name (each one
+    logged as a deprecation warning naming the new key).
+
+    Raises:
+        ConfigurationError: ``data`` sets a key under both its old and its new name.
+    """
+    renamed = dict(data)
+    for old, (new, convert) in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        values = renamed.get(section)
+        if not isinstance(values, Mapping) or old_key not in values:
+            continue
+        if new_key in values:
+            raise ConfigurationError(
+                f"{source} sets both {old} and {new}; {old} is the old name of {new}: keep only "
+                f"{new}"
+            )
+        values = dict(values)
+        value = convert(values.pop(old_key), old)
+        values[new_key] = value
+        renamed[section] = values
+        logger.warning(
+            "%s: %s is now %s (%s: %s); the old name still loads but is deprecated, rename it",
+            source,
+            old,
+            new,
+            new,
+            excerpt(value),
+        )
+    return renamed
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -288,7 +363,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> RunC
     Raises:
         ConfigurationError: naming each bad key (with the section's valid keys) or bad value.
     """
-    data = dict(data)
+    data = rename_old_keys(data, source=source)
     for section, tag, default in (("data", "name", "digits"), ("host", "kind", "mlp")):
         if isinstance(data.get(section), Mapping) and tag not in data[section]:
             data[section] = {tag: default, **data[section]}
@@ -324,8 +399,8 @@ def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()
                 f"config file {source} must be a mapping of sections (run:, data:, host:, …), "
                 f"got a {type(loaded).__name__}"
             )
-        data = loaded or {}
-    tree = parse_overrides(overrides)
+        data = rename_old_keys(loaded or {}, source=f"config file {source}")
+    tree = rename_old_keys(parse_overrides(overrides), source="overrides")
     if overrides:
         source += " with overrides " + excerpt(" ".join(overrides), limit=200)
     return config_from_dict(merge(data, tree), source=source)

@@ -54,10 +54,12 @@ def describe_invalid(model: type[BaseModel], error: ValidationError) -> str:
     problems = []
     errors = error.errors(include_url=False)
     for item in errors[:MAX_LISTED_FIELDS]:
-        field = ".".join(str(part) for part in item["loc"]) or name
-        message = str(item["msg"])
+        field = ".".join(str(part) for part in item["loc"])
+        message = str(item["msg"]).removeprefix("Value error, ")
         message = message[0].lower() + message[1:] if message else message
-        if item["type"] == "extra_forbidden":
+        if not field:  # a check of several fields together (a model validator)
+            problems.append(message)
+        elif item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(field[:100], list(model.model_fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"unknown field {reprlib.repr(field)}{hint}")

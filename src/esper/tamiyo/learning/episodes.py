@@ -24,14 +24,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
 from esper.blueprints import create_artifact
 from esper.contracts import SeedState
+from esper.contracts.config_model import ConfigModel
 from esper.core import MorphableModel, wrap
 from esper.errors import ConfigurationError
 from esper.execution import InMemoryArtifactSource
@@ -47,8 +49,7 @@ logger = logging.getLogger(__name__)
 _OPTION_NAMES = [option.name for option in BLUEPRINT_CATALOG]
 
 
-@dataclass(frozen=True)
-class EpisodeConfig:
+class EpisodeConfig(ConfigModel):
     """How an episode trains and when the policy decides.
 
     Attributes:
@@ -60,38 +61,39 @@ class EpisodeConfig:
         learning_rate: Adam learning rate (kernels get the same).
         seeds_per_layer: seeds of every wrapped layer.
         blend_steps: alpha ramp length of a grafted kernel.
-        health_every: record layer health every this many steps.
+        health_every: record layer health every this many steps (0: never).
         telemetry_every: flush telemetry into the health collector every this many steps.
         max_germinations: germinations allowed per episode (the parameter budget).
         allowed_options: catalog option names the policy may choose (``None``: all).
         reward_weights: weights of the episode's reward.
+
+    Raises:
+        ConfigurationError: a field out of its range, or an option the catalog does not have.
     """
 
-    warmup_steps: int = 150
-    decisions: int = 1
-    decision_every: int = 50
-    steps_after: int = 150
-    batch_size: int = 64
-    learning_rate: float = 0.02
-    seeds_per_layer: int = 1
-    blend_steps: int = 10
-    health_every: int = 5
-    telemetry_every: int = 10
-    max_germinations: int = 1
+    warmup_steps: int = Field(default=150, ge=1)
+    decisions: int = Field(default=1, ge=1)
+    decision_every: int = Field(default=50, ge=1)
+    steps_after: int = Field(default=150, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=0.02, gt=0)
+    seeds_per_layer: int = Field(default=1, ge=1)
+    blend_steps: int = Field(default=10, ge=1)
+    health_every: int = Field(default=5, ge=0)
+    telemetry_every: int = Field(default=10, ge=1)
+    max_germinations: int = Field(default=1, ge=0)
     allowed_options: tuple[str, ...] | None = ("mlp_h32",)
-    reward_weights: RewardWeights = field(default_factory=RewardWeights)
+    reward_weights: RewardWeights = Field(default_factory=RewardWeights)
 
-    def __post_init__(self) -> None:
-        if self.warmup_steps < 1 or self.decisions < 1 or self.decision_every < 1:
-            raise ConfigurationError(
-                f"episode needs warmup_steps, decisions and decision_every >= 1; got "
-                f"{self.warmup_steps}, {self.decisions}, {self.decision_every}"
-            )
-        unknown = [n for n in self.allowed_options or () if n not in _OPTION_NAMES]
+    @field_validator("allowed_options")
+    @classmethod
+    def _catalog_options(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        unknown = [n for n in names or () if n not in _OPTION_NAMES]
         if unknown:
-            raise ConfigurationError(
+            raise ValueError(
                 f"unknown blueprint option(s) {unknown}; catalog options are {_OPTION_NAMES}"
             )
+        return names
 
     @property
     def decision_steps(self) -> tuple[int, ...]:

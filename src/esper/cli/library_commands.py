@@ -20,7 +20,7 @@ from esper.cli.output import console, print_line
 from esper.cli.parsing import OneLineArgumentParser, port_number, positive_int, positive_number
 from esper.contracts import BlueprintSpec, BlueprintStatus
 from esper.errors import ConfigurationError
-from esper.tolaria.bounded_input import excerpt
+from esper.tolaria.assignments import parse_assignment
 
 if TYPE_CHECKING:
     from esper.urza import ArtifactLibrary
@@ -205,27 +205,13 @@ def _tezzeret_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_param(text: str) -> tuple[str, int | float | bool | str]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigurationError(f"--param expects key=value, got {excerpt(text)}")
-    value: int | float | bool | str = raw
-    if raw.lower() in ("true", "false"):
-        value = raw.lower() == "true"
-    else:
-        for kind in (int, float):
-            try:
-                value = kind(raw)
-                break
-            except ValueError:
-                continue
-    return key, value
-
-
 def _blueprint_submit(args: argparse.Namespace) -> int:
     from esper.blueprints import parse_params
 
-    spec = BlueprintSpec(family=args.family, params=dict(_parse_param(p) for p in args.param))
+    params = dict(
+        parse_assignment(text, what="--param", example="--param rank=8") for text in args.param
+    )
+    spec = BlueprintSpec(family=args.family, params=params)
     parse_params(spec)  # unknown family or bad parameters: fail here, before storing anything
     library = _open_library(args)
     try:

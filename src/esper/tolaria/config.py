@@ -13,9 +13,8 @@ Override values are parsed as YAML (``train.lr=3e-3``, ``host.hidden=[16,16]``,
 from __future__ import annotations
 
 import difflib
-import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,9 +29,9 @@ from esper.contracts.safety import (
     ParameterFraction,
 )
 from esper.errors import ConfigurationError
+from esper.tolaria.assignments import parse_assignment
 from esper.tolaria.bounded_input import clip, excerpt, load_yaml, read_config_text
-
-logger = logging.getLogger(__name__)
+from esper.tolaria.config_renames import rename_old_keys
 
 MAX_LISTED_PROBLEMS = 10
 """Problems of an invalid config listed in its error (then a count of the others)."""
@@ -181,7 +180,8 @@ class GrowthSection(Section):
     The safety keys (``max_adaptations``, ``cooldown_steps``, ``max_parameter_fraction``,
     ``min_confidence``, ``loss_spike_tolerance``) are fields of
     :class:`~esper.contracts.safety.SafetyConfig`, with its names and ranges (only the defaults
-    differ; the rate limit's window is the whole run). Their old names (:data:`RENAMED_KEYS`)
+    differ; the rate limit's window is the whole run). Their old names
+    (:data:`~esper.tolaria.config_renames.RENAMED_KEYS`)
     still load, with a warning.
     """
 
@@ -261,79 +261,24 @@ class RunConfig(Section):
 # -- loading --------------------------------------------------------------------------------------
 
 
-def _same(value: Any, old: str) -> Any:
-    return value
-
-
-def _ratio_to_tolerance(value: Any, old: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(
-            f"{old} must be a number (a ratio such as 1.5), got {excerpt(value)}; better, write "
-            "growth.loss_spike_tolerance: 0.5 (the ratio minus 1)"
-        )
-    return value - 1.0
-
-
-RENAMED_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
-    "growth.max_seeds": ("growth.max_adaptations", _same),
-    "growth.max_parameter_ratio": ("growth.max_parameter_fraction", _same),
-    "growth.loss_spike_ratio": ("growth.loss_spike_tolerance", _ratio_to_tolerance),
-}
-"""Old config keys that still load: each one's current name and how its value converts (a loss
-spike *ratio* of 1.5 is a *tolerance* of 0.5). The keys now have the names of the
-:class:`~esper.contracts.safety.SafetyConfig` fields they set."""
-
-
-def rename_old_keys(data: Mapping[str, Any], *, source: str) -> dict[str, Any]:
-    """``data`` with every old key of :data:`RENAMED_KEYS` under its current name (each one
-    logged as a deprecation warning naming the new key).
-
-    Raises:
-        ConfigurationError: ``data`` sets a key under both its old and its new name.
-    """
-    renamed = dict(data)
-    for old, (new, convert) in RENAMED_KEYS.items():
-        section, old_key = old.split(".")
-        new_key = new.split(".")[1]
-        values = renamed.get(section)
-        if not isinstance(values, Mapping) or old_key not in values:
-            continue
-        if new_key in values:
-            raise ConfigurationError(
-                f"{source} sets both {old} and {new}; {old} is the old name of {new}: keep only "
-                f"{new}"
-            )
-        values = dict(values)
-        value = convert(values.pop(old_key), old)
-        values[new_key] = value
-        renamed[section] = values
-        logger.warning(
-            "%s: %s is now %s (%s: %s); the old name still loads but is deprecated, rename it",
-            source,
-            old,
-            new,
-            new,
-            excerpt(value),
-        )
-    return renamed
-
-
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["train.epochs=2", "host.hidden=[16, 16]"]`` -> nested dict; values parsed as YAML.
+    """``["train.epochs=2", "host.hidden=[16, 16]"]`` -> nested dict; values parsed as YAML
+    (:func:`~esper.tolaria.assignments.parse_assignment`).
 
     Raises:
         ConfigurationError: an override is not ``dotted.key=value``.
     """
     tree: dict[str, Any] = {}
     for text in overrides:
-        key, sep, raw = text.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
+        key, value = parse_assignment(
+            text, what="override", example="train.epochs=2 or run.dir=/tmp/x"
+        )
+        parts = key.split(".")
+        if not all(parts):
             raise ConfigurationError(
-                f"override {excerpt(text)} is not key=value; write e.g. train.epochs=2 or "
-                "run.dir=/tmp/x"
+                f"override {excerpt(text)} has an empty part in its key; write "
+                "section.key=value, e.g. train.epochs=2"
             )
-        value = load_yaml(raw, source=f"override {excerpt(text)}") if raw.strip() else ""
         node = tree
         for part in parts[:-1]:
             child = node.setdefault(part, {})

@@ -247,7 +247,7 @@ def test_an_old_key_still_loads_under_its_new_name_with_a_warning(
     path = tmp_path / "old.yaml"
     path.write_text(f"growth:\n  {old}: {value}\n")
 
-    with caplog.at_level("WARNING", logger="esper.tolaria.config"):
+    with caplog.at_level("WARNING", logger="esper.tolaria.config_renames"):
         from_file = load_config(path)
         from_override = load_config(overrides=[f"growth.{old}={value}"])
 
@@ -288,3 +288,42 @@ def test_a_run_folder_config_of_the_old_names_resumes_with_the_same_values(
     path.write_text(yaml.safe_dump(old))
 
     assert load_config(path) == RunConfig()
+
+
+ASSIGNED_VALUES = {
+    "2": 2,
+    "0.5": 0.5,
+    "1e-3": 0.001,  # YAML 1.1 alone would keep this a string
+    "-2E4": -20000.0,
+    "true": True,
+    "[16, 16]": [16, 16],
+    "relu": "relu",
+    "'1e5'": "1e5",  # quoted: text
+    "": "",
+}
+
+
+@pytest.mark.parametrize("raw", ASSIGNED_VALUES, ids=repr)
+def test_overrides_and_blueprint_parameters_read_a_value_the_same_way(raw: str) -> None:
+    from esper.tolaria.assignments import parse_assignment
+
+    override = parse_overrides([f"section.key={raw}"])["section"]["key"]
+    _, parameter = parse_assignment(f"key={raw}", what="--param", example="--param rank=8")
+
+    assert override == parameter == ASSIGNED_VALUES[raw]
+    assert type(override) is type(ASSIGNED_VALUES[raw])
+
+
+def test_a_config_file_reads_exponent_numbers_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  lr: 3e-3\n  kernel_lr: 1E-4\nhost:\n  hidden: [1e2]\n")
+
+    config = load_config(path)
+
+    assert config.train.lr == 0.003 and config.train.kernel_lr == 0.0001
+    assert config.host.hidden == [100]  # type: ignore[union-attr]
+
+
+def test_an_override_key_with_an_empty_part_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="empty part in its key"):
+        parse_overrides(["train..epochs=2"])

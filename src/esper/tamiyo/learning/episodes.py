@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field, field_validator
 from torch import nn
-from torch.nn import functional as F
 
 from esper.blueprints import create_artifact
 from esper.contracts import SeedState
@@ -43,6 +42,7 @@ from esper.tamiyo.learning.growth_tasks import GrowthTask, TaskInstance
 from esper.tamiyo.learning.rollout import Transition
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph
 from esper.tamiyo.reward import AdaptationOutcome, Reward, RewardWeights, compute_reward
+from esper.tasks.evaluation import evaluate, task_loss
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +161,10 @@ class EpisodeResult:
         return bool(self.germinations) and self.germinations[0].layer_name == self.bottleneck
 
 
-def _loss(instance: TaskInstance, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if instance.loss == "mse":
-        return F.mse_loss(output, target)
-    return F.cross_entropy(output, target)
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, instance: TaskInstance) -> tuple[float, float | None]:
-    output = model(instance.x_val)
-    loss = float(_loss(instance, output, instance.y_val))
-    if instance.loss == "cross_entropy":
-        return loss, float((output.argmax(dim=1) == instance.y_val).float().mean())
-    return loss, None
+def _validate(model: nn.Module, instance: TaskInstance) -> tuple[float, float | None]:
+    """Validation loss, and accuracy for a classification task (``None`` for regression)."""
+    loss, score = evaluate(model, instance.x_val, instance.y_val, regression=instance.regression)
+    return loss, None if instance.regression else score
 
 
 def _restrict(graph: LayerGraph, config: EpisodeConfig, germinated: int) -> LayerGraph:
@@ -254,7 +245,8 @@ def run_episode(
     n_train = instance.x_train.shape[0]
     for step in range(1, cfg.total_steps + 1):
         idx = torch.randint(0, n_train, (cfg.batch_size,), generator=batches)
-        loss = _loss(instance, model(instance.x_train[idx]), instance.y_train[idx])
+        outputs = model(instance.x_train[idx])
+        loss = task_loss(outputs, instance.y_train[idx], regression=instance.regression)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -262,7 +254,7 @@ def run_episode(
         losses.append(value)
         loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
         if step == first_decision:
-            val_start, acc_start = _evaluate(model, instance)  # before step(): health untouched
+            val_start, acc_start = _validate(model, instance)  # before step(): health untouched
         model.step()
         if step % cfg.telemetry_every == 0:
             collector.ingest(model.collect_telemetry())
@@ -301,7 +293,7 @@ def run_episode(
                 )
             )
 
-    val_final, acc_final = _evaluate(model, instance)
+    val_final, acc_final = _validate(model, instance)
     added = sum(p.numel() for p in model.kernel_parameters())
     window = cfg.decision_every
     before = losses[max(0, first_decision - window) : first_decision]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,9 +62,13 @@ def _accuracy(model: nn.Module, data: TensorSplit) -> float:
     return evaluate(model, data.x_test, data.y_test, regression=False)[1]
 
 
+def seed_counts(seeds_by_state: Mapping[SeedState, int]) -> str:
+    """``dormant 3, active 1``: the states that have seeds, in lifecycle order."""
+    return ", ".join(f"{state.name.lower()} {n}" for state, n in seeds_by_state.items() if n)
+
+
 def _seed_summary(model: MorphableModel) -> str:
-    counts = model.stats().seeds_by_state
-    return ", ".join(f"{state.name.lower()} {n}" for state, n in counts.items() if n)
+    return seed_counts(model.stats().seeds_by_state)
 
 
 def _host(data: TensorSplit, hidden: int, seed: int) -> nn.Module:

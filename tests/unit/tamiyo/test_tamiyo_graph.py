@@ -10,7 +10,7 @@ from torch import nn
 
 import esper
 from esper.blueprints import create_artifact
-from esper.contracts import HealthSignal, LayerKind, SeedState
+from esper.contracts import SeedState
 from esper.errors import ConfigurationError
 from esper.execution import InMemoryArtifactSource
 from esper.tamiyo.graph import (
@@ -21,6 +21,7 @@ from esper.tamiyo.graph import (
     graph_structure,
 )
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GLOBAL_FEATURES, NODE_FEATURES
+from factories import health_signal
 
 COL = {name: i for i, name in enumerate(NODE_FEATURES)}
 OPT = {option.name: j for j, option in enumerate(BLUEPRINT_CATALOG)}
@@ -136,17 +137,8 @@ def test_health_columns_come_from_summaries_and_missing_layers_are_zero() -> Non
 
 
 def test_summary_from_signal_takes_log_of_grad_norm() -> None:
-    signal = HealthSignal(
-        layer_name="a",
-        layer_kind=LayerKind.LINEAR,
-        step=10,
-        timestamp=0.0,
-        samples=2,
-        output_mean=0.1,
-        output_std=0.3,
-        dead_fraction=0.5,
-        grad_norm=math.e**2,
-        seeds=(),
+    signal = health_signal(
+        "a", samples=2, output_mean=0.1, output_std=0.3, dead_fraction=0.5, grad_norm=math.e**2
     )
     summary = LayerHealthSummary.from_signal(signal)
     assert summary.log_grad_norm == pytest.approx(2.0)

@@ -17,10 +17,17 @@ from urllib.parse import urlsplit
 from rich.table import Table
 
 from esper.cli.output import console, print_line
-from esper.cli.parsing import OneLineArgumentParser, port_number, positive_int, positive_number
+from esper.cli.parsing import (
+    OneLineArgumentParser,
+    port_number,
+    positive_int,
+    positive_number,
+    setting,
+)
 from esper.contracts import BlueprintSpec, BlueprintStatus
 from esper.errors import ConfigurationError
 from esper.tolaria.assignments import parse_assignment
+from esper.urza.settings import ServiceLimits
 
 if TYPE_CHECKING:
     from esper.urza import ArtifactLibrary
@@ -45,7 +52,12 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineArgumentParser]) -> 
         ("concurrent-uploads", "uploads at once; more are told to retry (default 8)"),
         ("kernel-parameters", "parameters of a kernel a compile job may ask for"),
     ):
-        serve.add_argument(f"--max-{flag}", type=positive_int, default=None, help=f"most {what}")
+        serve.add_argument(  # the type and range of ServiceLimits' field (checked once)
+            f"--max-{flag}",
+            type=setting(ServiceLimits, f"max_{flag.replace('-', '_')}"),
+            default=None,
+            help=f"most {what}",
+        )
     serve.set_defaults(handler=_urza_serve)
 
     tezzeret = commands.add_parser("tezzeret", help="the blueprint compiler").add_subparsers(

@@ -124,8 +124,5 @@ def setting(model: type[BaseModel], field: str) -> Callable[[str], Any]:
 
 
 positive_int = integer(1)
-non_negative_int = integer(0)
 port_number = integer(1, MAX_PORT)
 positive_number = number(0.0, inclusive_minimum=False)
-non_negative_number = number(0.0)
-fraction = number(0.0, 1.0)

@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[3]
 BAD_ARGUMENTS = {
     "port above 65535": (["urza", "serve", "--port", "99999"], "--port"),
     "port 0": (["urza", "serve", "--port", "0"], "--port"),
+    "upload limit above its range": (
+        ["urza", "serve", "--max-artifact-bytes", str(2**41)],
+        "--max-artifact-bytes",
+    ),
     "no ranks": (["train", "--nproc", "0"], "--nproc"),
     "negative stop epoch": (["train", "--stop-after-epoch", "-1"], "--stop-after-epoch"),
     "resume epoch 0": (["train", "--resume", "runs/x", "--epoch", "0"], "--epoch"),

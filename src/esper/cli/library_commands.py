@@ -171,14 +171,7 @@ def _urza_serve(args: argparse.Namespace) -> int:
             "the Urza service needs a bearer token: set ESPER_URZA_TOKEN to a secret value "
             "(clients send the same value)"
         )
-    limits = ("max_artifact_bytes", "max_concurrent_uploads", "max_kernel_parameters")
-    overrides: dict[str, object] = {
-        "metadata_url": args.metadata_url,
-        "blob_url": args.blob_url,
-        "run_dir": args.run_dir,
-        "limits": settings.limits.updated(**{k: getattr(args, k) for k in limits}),
-    }
-    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    settings = settings.with_options(vars(args))  # the flags named like its fields
     print_line(f"Urza service on http://{args.host}:{args.port} (Ctrl-C stops it)")
     serve(
         host=args.host,

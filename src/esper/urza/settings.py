@@ -175,3 +175,19 @@ class UrzaSettings(BaseModel):
             raise ConfigurationError(
                 f"invalid Urza settings in the environment: {problems}"
             ) from None
+
+    def with_options(self, options: Mapping[str, Any]) -> UrzaSettings:
+        """These settings with the ``options`` named like their fields (``metadata_url``,
+        ``blob_url``, ``run_dir``) or like a limit (``max_artifact_bytes``…) replaced; other names
+        and ``None`` values are ignored, e.g. ``settings.with_options(vars(args))``.
+
+        Raises:
+            ConfigurationError: a limit out of its range (the message names the option).
+        """
+        given = {name: value for name, value in options.items() if value is not None}
+        limits = {name: given[name] for name in ServiceLimits.model_fields if name in given}
+        fields = {"metadata_url", "blob_url", "run_dir"} & set(given)
+        update: dict[str, Any] = {name: given[name] for name in fields}
+        if "run_dir" in update:
+            update["run_dir"] = Path(update["run_dir"])
+        return self.model_copy(update=update | {"limits": self.limits.updated(**limits)})

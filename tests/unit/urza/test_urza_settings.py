@@ -56,3 +56,18 @@ def test_the_settings_import_no_backend_and_no_torch() -> None:
     )
 
     assert done.stdout.strip() == "[]"
+
+
+def test_command_line_options_replace_the_settings_they_are_named_after() -> None:
+    settings = UrzaSettings(metadata_url="sqlite:///a.sqlite3", token="t")
+    options = {"metadata_url": None, "blob_url": "file:///b", "run_dir": "/srv/x"}
+    options |= {"max_concurrent_uploads": 3, "max_artifact_bytes": None, "port": 8765}
+
+    updated = settings.with_options(options)
+
+    assert updated.metadata_url == "sqlite:///a.sqlite3"  # None: kept
+    assert (updated.blob_url, updated.run_dir) == ("file:///b", Path("/srv/x"))
+    assert updated.limits == ServiceLimits(max_concurrent_uploads=3)
+    assert updated.token == settings.token
+    with pytest.raises(ConfigurationError, match="--max-concurrent-uploads"):
+        settings.with_options({"max_concurrent_uploads": 0})

@@ -20,7 +20,6 @@ from torch import nn
 
 import esper
 from esper.contracts import (
-    AdaptationAction,
     AdaptationDecision,
     BlueprintSpec,
     DecisionRefusal,
@@ -33,6 +32,7 @@ from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import UrzaArtifactSource, open_library
+from factories import germinate
 from servers import free_port, start_redis_server
 
 pytestmark = pytest.mark.services
@@ -41,17 +41,7 @@ MLP_H32 = next(option.spec for option in BLUEPRINT_CATALOG if option.name == "ml
 
 
 def _germinate(layer: str) -> AdaptationDecision:
-    return AdaptationDecision(
-        run_id="delivery",
-        step=0,
-        action=AdaptationAction.GERMINATE,
-        layer_name=layer,
-        seed_idx=0,
-        blueprint=MLP_H32,
-        policy="test",
-        confidence=1.0,
-        uncertainty=0.0,
-    )
+    return germinate(layer, run_id="delivery", blueprint=MLP_H32)
 
 
 def test_decisions_survive_a_redis_restart_and_duplicates_are_ignored(tmp_path: Path) -> None:

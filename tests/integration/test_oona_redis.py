@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from esper.contracts import Envelope, KernelReady, KernelTarget, LayerKind, Topic
+from esper.contracts import Envelope, KernelReady, Topic
 from esper.oona import (
     BackgroundPublisher,
     BackgroundSubscriber,
@@ -30,23 +30,10 @@ from esper.oona import (
     open_bus,
 )
 from esper.oona.redis_streams import RedisStreamsBus
+from factories import kernel_ready
 from servers import free_port, start_redis_server
 
 pytestmark = pytest.mark.services
-
-
-def kernel_ready(index: int) -> KernelReady:
-    return KernelReady(
-        kernel_id=f"{index:064x}",
-        blueprint_id="b" * 64,
-        target=KernelTarget(
-            layer_kind=LayerKind.LINEAR,
-            in_features=8,
-            out_features=4,
-            channel_dim=-1,
-            spatial_dims=0,
-        ),
-    )
 
 
 def _envelope(bus: RedisStreamsBus, index: int) -> Envelope:

@@ -21,14 +21,10 @@ from torch import nn
 import esper
 from esper.blueprints import create_artifact
 from esper.contracts import (
-    AdaptationAction,
-    AdaptationDecision,
     BlueprintSpec,
     CompileJobStatus,
     HealthSignalBatch,
     KernelFailed,
-    KernelTarget,
-    LayerKind,
     SeedState,
     Topic,
 )
@@ -38,6 +34,7 @@ from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import HttpUrza, ServiceProcess, UrzaArtifactSource, open_library
+from factories import germinate, linear_target
 from servers import free_port, start_redis_server
 
 
@@ -144,9 +141,7 @@ def test_a_refused_artifact_fails_its_job_once_and_the_trainer_hears_at_once(
     spec = BlueprintSpec(family="residual_mlp", params={"hidden": 32, "activation": "relu"})
     torch.manual_seed(0)
     host = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    target = KernelTarget(
-        layer_kind=LayerKind.LINEAR, in_features=8, out_features=16, channel_dim=-1, spatial_dims=0
-    )
+    target = linear_target(8, 16)
     data, metadata = create_artifact(spec, target)
     tensor_bytes = metadata.parameter_count * 4
     limit = (tensor_bytes + len(data)) // 2  # the tensors fit, the artifact does not
@@ -176,19 +171,7 @@ def test_a_refused_artifact_fails_its_job_once_and_the_trainer_hears_at_once(
             safety=SafetyGates(SafetyConfig(max_parameter_fraction=1000.0)),
         )
         assert worker.thread is not None
-        executor.submit(
-            AdaptationDecision(
-                run_id="faults",
-                step=0,
-                action=AdaptationAction.GERMINATE,
-                layer_name="0",
-                seed_idx=0,
-                blueprint=spec,
-                policy="test",
-                confidence=1.0,
-                uncertainty=0.0,
-            )
-        )
+        executor.submit(germinate("0", run_id="faults", blueprint=spec))
         refusals = []
         losses = []
         deadline = time.monotonic() + 120

@@ -28,8 +28,8 @@ GROWTH = [
     "growth.graft_delay=4",
     "growth.evaluation_steps=10",
     "growth.cooldown_steps=20",
-    "growth.max_parameter_ratio=5",
-    "growth.max_seeds=4",
+    "growth.max_parameter_fraction=5",
+    "growth.max_adaptations=4",
     "seeds.blend_steps=8",
     "urza.worker=thread",  # one process per run: the test is about exactness, not the worker
 ]

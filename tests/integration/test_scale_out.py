@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from esper.blueprints import create_artifact, sha256_hex
-from esper.contracts import BlueprintSpec, CompileJobStatus, KernelTarget, LayerKind
+from esper.contracts import BlueprintSpec, CompileJobStatus
 from esper.urza import ArtifactLibrary, HttpUrza, ServiceProcess
+from factories import linear_target
 
 pytestmark = pytest.mark.services
 
@@ -130,13 +131,7 @@ def test_worker_killed_mid_compile_is_reclaimed_and_finished_by_another(stack: S
     library = stack.library()
     # a blueprint big enough that compiling it (validate, export, time) takes seconds
     spec = BlueprintSpec(family="residual_mlp", params={"hidden": 8192})
-    target = KernelTarget(
-        layer_kind=LayerKind.LINEAR,
-        in_features=2048,
-        out_features=2048,
-        channel_dim=-1,
-        spatial_dims=0,
-    )
+    target = linear_target(2048, 2048)
     record = library.submit_blueprint(spec)
     job = library.enqueue_job(record.blueprint_id, target)
     doomed = stack.worker("doomed", "--lease-seconds", "3")
@@ -173,13 +168,7 @@ def test_fifty_concurrent_clients_fetch_kernels_without_errors(stack: Stack) -> 
     library = stack.library()
     kernel_ids = []
     for rank in (16, 32, 48, 64):
-        target = KernelTarget(
-            layer_kind=LayerKind.LINEAR,
-            in_features=512,
-            out_features=512,
-            channel_dim=-1,
-            spatial_dims=0,
-        )
+        target = linear_target(512, 512)
         data, metadata = create_artifact(
             BlueprintSpec(family="lowrank_adapter", params={"rank": rank}), target
         )

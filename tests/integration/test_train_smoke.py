@@ -46,7 +46,7 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "growth.decide_every=10",
         "growth.graft_delay=4",
         "growth.evaluation_steps=10",
-        "growth.max_parameter_ratio=5",
+        "growth.max_parameter_fraction=5",
         "urza.worker=process",  # the compile worker as a child process of the run
         cwd=root,
     )

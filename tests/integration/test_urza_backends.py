@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import itertools
-import json
 import os
 import random
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -37,7 +35,6 @@ from esper.contracts import (
     CompileJobStatus,
     KernelMetadata,
     KernelTarget,
-    LayerKind,
 )
 from esper.errors import (
     ArtifactFormatError,
@@ -59,6 +56,8 @@ from esper.urza import (
 from esper.urza.blob_stores import LocalBlobStore
 from esper.urza.errors import KernelMetadataMismatchError
 from esper.urza.storage_library import StorageLibrary
+from factories import linear_target as linear
+from factories import sized_artifact
 
 pytestmark = pytest.mark.services
 
@@ -88,57 +87,12 @@ def unique_spec() -> BlueprintSpec:
     return BlueprintSpec(family="residual_mlp", params={"hidden": next(_HIDDEN_WIDTHS)})
 
 
-def linear(in_features: int = 16, out_features: int = 8, device: str = "cpu") -> KernelTarget:
-    return KernelTarget(
-        layer_kind=LayerKind.LINEAR,
-        in_features=in_features,
-        out_features=out_features,
-        channel_dim=-1,
-        spatial_dims=0,
-        device=device,
-    )
-
-
 def make_kernel(
     size: int = 4096, *, spec: BlueprintSpec | None = None, target: KernelTarget | None = None
 ) -> tuple[bytes, KernelMetadata]:
-    """A well-formed kernel artifact of exactly ``size`` bytes with random float32 weights (one
-    tensor sized to fill it, the header padded with spaces as safetensors allows), and the
-    metadata that describes it. Urza reads artifact headers; it never builds their kernels."""
-    spec, target = spec or unique_spec(), target or linear()
-    entry = {
-        "format": "esper.kernel",
-        "format_version": 1,
-        "blueprint": spec.model_dump(mode="json"),
-        "target": target.model_dump(mode="json"),
-        "init_seed": 0,
-    }
-    metadata_entry = {"esper.kernel": json.dumps(entry, sort_keys=True, separators=(",", ":"))}
-    elements = (size - 8) // 4
-    while True:
-        header = {
-            "__metadata__": metadata_entry,
-            "weight": {"dtype": "F32", "shape": [elements], "data_offsets": [0, elements * 4]},
-        }
-        text = json.dumps(header, separators=(",", ":")).encode()
-        padding = size - 8 - len(text) - elements * 4
-        if padding >= 0:
-            break
-        elements -= 1
-    header_bytes = text + b" " * padding
-    payload = os.urandom(elements * 4)
-    artifact = struct.pack("<Q", len(header_bytes)) + header_bytes + payload
-    metadata = KernelMetadata(
-        kernel_id=hashlib.sha256(artifact).hexdigest(),
-        blueprint=spec,
-        target=target,
-        dtype="float32",
-        parameter_count=elements,
-        size_bytes=size,
-        checksum=hashlib.sha256(payload).hexdigest(),
-        init_seed=0,
-    )
-    return artifact, metadata
+    """A well-formed kernel artifact of exactly ``size`` bytes with random float32 weights, and
+    the metadata that describes it (of a blueprint of its own unless ``spec`` is given)."""
+    return sized_artifact(size, blueprint=spec or unique_spec(), target=target or linear())
 
 
 def unused_port() -> int:

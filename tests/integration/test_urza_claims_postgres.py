@@ -5,22 +5,21 @@ exactly one of several simultaneous reclaimers."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from esper.contracts import BlueprintSpec, CompileJob, CompileJobStatus, KernelTarget, LayerKind
+from esper.contracts import BlueprintSpec, CompileJob, CompileJobStatus
 from esper.urza import ArtifactLibrary, open_storage_library
+from esper.urza.storage_library import StorageLibrary
+from factories import FakeClock, linear_target, on_clock
 
 pytestmark = pytest.mark.services
 
 CLAIMERS = 4
-TARGET = KernelTarget(
-    layer_kind=LayerKind.LINEAR, in_features=8, out_features=8, channel_dim=-1, spatial_dims=0
-)
+TARGET = linear_target(8, 8)
 
 
 def run_claimers(
@@ -83,16 +82,22 @@ def test_each_job_is_claimed_exactly_once(postgres_url: str, tmp_path: Path) -> 
 
 
 def test_a_lapsed_lease_goes_to_exactly_one_reclaimer(postgres_url: str, tmp_path: Path) -> None:
-    setup = open_storage_library(metadata_url=postgres_url, blob_url=str(tmp_path))
+    clock = FakeClock()  # every handle reads the test's time: the lease lapses without sleeping
+
+    def handle() -> StorageLibrary:
+        return on_clock(
+            open_storage_library(metadata_url=postgres_url, blob_url=str(tmp_path)), clock
+        )
+
+    setup = handle()
     spec = BlueprintSpec(family="residual_mlp", params={"hidden": 4})
     setup.submit_blueprint(spec)
     job = setup.enqueue_job(spec.blueprint_id, TARGET)
-    setup.claim_job("dies", lease_seconds=0.2)
-    time.sleep(0.3)
-    handles = [
-        open_storage_library(metadata_url=postgres_url, blob_url=str(tmp_path))
-        for _ in range(CLAIMERS)
-    ]
+    setup.claim_job("dies", lease_seconds=10)
+    handles: list[ArtifactLibrary] = [handle() for _ in range(CLAIMERS)]
+    clock.advance(10)
+    assert handles[0].claim_job("too-early", lease_seconds=300) is None  # held to its last second
+    clock.advance(0.001)
 
     results = run_claimers(handles, drain)
 
@@ -100,5 +105,6 @@ def test_a_lapsed_lease_goes_to_exactly_one_reclaimer(postgres_url: str, tmp_pat
     assert len(winners) == 1
     [(winner, [reclaimed])] = winners.items()
     assert (reclaimed.job_id, reclaimed.worker_id, reclaimed.attempts) == (job.job_id, winner, 2)
-    for handle in (setup, *handles):
-        handle.close()
+    assert reclaimed.lease_expires_at == clock() + 300
+    for library in (setup, *handles):
+        library.close()

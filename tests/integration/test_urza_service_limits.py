@@ -30,7 +30,7 @@ import psycopg
 import pytest
 
 from esper.blueprints import create_artifact
-from esper.contracts import BlueprintSpec, KernelTarget, LayerKind
+from esper.contracts import BlueprintSpec
 from esper.errors import BlueprintError, ConfigurationError
 from esper.tezzeret import find_or_enqueue
 from esper.urza import HttpUrza, ServiceProcess
@@ -41,6 +41,7 @@ from esper.urza.errors import (
     KernelMetadataMismatchError,
     LibraryBusyError,
 )
+from factories import linear_target as linear
 
 pytestmark = pytest.mark.services
 
@@ -55,16 +56,6 @@ MAX_ARTIFACT_BYTES = 65_536
 MAX_KERNEL_PARAMETERS = 20_000
 MAX_REQUEST_BYTES = 4096
 _WIDTHS = itertools.count(random.randrange(600))
-
-
-def linear(in_features: int = 16, out_features: int = 8) -> KernelTarget:
-    return KernelTarget(
-        layer_kind=LayerKind.LINEAR,
-        in_features=in_features,
-        out_features=out_features,
-        channel_dim=-1,
-        spatial_dims=0,
-    )
 
 
 def small_spec() -> BlueprintSpec:

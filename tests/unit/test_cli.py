@@ -89,3 +89,26 @@ def test_a_bad_config_key_names_the_valid_ones(capsys: pytest.CaptureFixture[str
     configs = Path(__file__).resolve().parents[2] / "configs"
     code, out = _run(capsys, "train", "--config", str(configs / "digits.yaml"), "train.epohcs=2")
     assert code == 2 and "epohcs" in out and "epochs" in out
+
+
+def test_blueprint_parameters_are_read_like_config_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ["--run-dir", str(tmp_path)]
+    params = ["--param", "rank=4", "--param", "bias=true", "--param", "activation=relu"]
+
+    code, out = _run(capsys, "blueprint", "submit", *where, "--family", "lowrank_adapter", *params)
+
+    assert code == 0 and '"activation":"relu","bias":true,"rank":4' in out
+
+
+def test_a_blueprint_parameter_without_a_value_says_how_to_write_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ["--run-dir", str(tmp_path)]
+
+    code, out = _run(
+        capsys, "blueprint", "submit", *where, "--family", "lowrank_adapter", "--param", "rank"
+    )
+
+    assert code == 2 and "--param 'rank' is not key=value; write e.g. --param rank=8" in out

@@ -7,13 +7,13 @@ import argparse
 from esper.cli.output import print_line
 from esper.cli.parsing import (
     OneLineArgumentParser,
-    fraction,
     integer,
-    non_negative_int,
     positive_int,
     positive_number,
     run_id,
+    setting,
 )
+from esper.contracts.safety import SafetyConfig
 
 
 def add_parsers(commands: argparse._SubParsersAction[OneLineArgumentParser]) -> None:
@@ -36,12 +36,20 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineArgumentParser]) -> 
     serve.add_argument("--total-steps", type=positive_int, default=None)
     serve.add_argument("--decide-every", type=positive_int, default=1, help="telemetry steps")
     serve.add_argument("--cycle-ms", type=positive_number, default=100.0)
-    serve.add_argument("--cooldown-steps", type=non_negative_int, default=100)
-    serve.add_argument("--window-steps", type=positive_int, default=500)
-    serve.add_argument("--max-adaptations", type=non_negative_int, default=4, help="per window")
-    serve.add_argument("--min-confidence", type=fraction, default=0.0, help="0 to 1")
-    serve.add_argument("--max-uncertainty", type=positive_number, default=None)
-    serve.add_argument("--max-parameter-fraction", type=positive_number, default=0.5)
+    for flag, help_text in (  # SafetyConfig's fields: their ranges and defaults (shown) are its
+        ("cooldown-steps", "steps a layer waits after an adaptation"),
+        ("window-steps", "steps of the rate limit's window"),
+        ("max-adaptations", "adaptations per window"),
+        ("min-confidence", "0 to 1"),
+        ("max-uncertainty", "refuse more uncertain proposals (default: no limit)"),
+        ("max-parameter-fraction", "grafted / base parameters"),
+    ):
+        field = flag.replace("-", "_")
+        default = SafetyConfig.model_fields[field].default
+        shown = f" (default {default})" if default is not None else ""
+        serve.add_argument(
+            f"--{flag}", type=setting(SafetyConfig, field), default=None, help=help_text + shown
+        )
     serve.add_argument("--duration", type=positive_number, default=None, help="seconds, then stop")
     serve.set_defaults(handler=_tamiyo_serve)
 
@@ -50,19 +58,10 @@ def _tamiyo_serve(args: argparse.Namespace) -> int:
     import signal
 
     from esper.oona import open_bus
-    from esper.tamiyo import SafetyConfig, SafetyGates, TamiyoController, load_policy
+    from esper.tamiyo import SafetyGates, TamiyoController, load_policy
     from esper.tolaria.growth import policy_path
 
-    safety = SafetyGates(
-        SafetyConfig(
-            cooldown_steps=args.cooldown_steps,
-            window_steps=args.window_steps,
-            max_adaptations=args.max_adaptations,
-            min_confidence=args.min_confidence,
-            max_uncertainty=args.max_uncertainty,
-            max_parameter_fraction=args.max_parameter_fraction,
-        )
-    )
+    safety = SafetyGates(SafetyConfig.from_options(vars(args)))  # flags named like its fields
     policy = load_policy(policy_path(args.policy), seed=args.seed)
     bus = open_bus(args.bus)
     controller = TamiyoController(

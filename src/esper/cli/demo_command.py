@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from esper.cli.output import console
+from esper.cli.output import console, print_line
 from esper.cli.parsing import OneLineArgumentParser, positive_int
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from esper.tolaria.demo_report import TextTable
 
 
 def add_parsers(commands: argparse._SubParsersAction[OneLineArgumentParser]) -> None:
@@ -20,63 +26,29 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineArgumentParser]) -> 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from esper.tolaria.demo import EpochRecord, run_demo
+    from esper.tolaria.demo import run_demo
+    from esper.tolaria.demo_report import closing_line, demo_tables, epoch_line
 
     console.print("[bold]esper demo[/bold]: an MLP on digits that grows its first layer mid-run")
-
-    def show(record: EpochRecord) -> None:
-        console.print(
-            f"epoch {record.epoch:3d}  loss {record.train_loss:.4f}  "
-            f"test acc {record.test_accuracy:.3f}  seeds: {record.seeds}"
-        )
-
     result = run_demo(
-        epochs=args.epochs, germinate_at_epoch=args.germinate_at, hidden=args.hidden, on_epoch=show
+        epochs=args.epochs,
+        germinate_at_epoch=args.germinate_at,
+        hidden=args.hidden,
+        on_epoch=lambda record: print_line(epoch_line(record)),
     )
-    seeds = Table(title="seed states")
-    for column in ("layer", "kind", "seeds", "kernel params", "kernel ids"):
-        seeds.add_column(column)
-    for layer in result.layers:
-        states = ", ".join(f"{s.name.lower()} {n}" for s, n in layer.seeds_by_state.items() if n)
-        kernels = ", ".join(k[:12] for k in layer.kernel_ids if k) or "-"
-        seeds.add_row(
-            layer.layer_name, layer.layer_kind.value, states, str(layer.kernel_parameters), kernels
-        )
-    console.print(seeds)
-    if result.cache is not None:
-        cache = Table(title="kernel cache")
-        for column in ("entries", "bytes", "hits", "misses", "evictions", "load p50 ms"):
-            cache.add_column(column, justify="right")
-        p50 = result.cache.load_latency_ms_p50
-        cache.add_row(
-            str(result.cache.entries),
-            str(result.cache.bytes),
-            str(result.cache.hits),
-            str(result.cache.misses),
-            str(result.cache.evictions),
-            f"{p50:.2f}" if p50 is not None else "-",
-        )
-        console.print(cache)
-    summary = Table(title="before / after germination")
-    for column in ("", "test accuracy", "parameters"):
-        summary.add_column(column, justify="right")
-    summary.add_row(
-        f"before (epoch {result.germinated_at_epoch})",
-        f"{result.accuracy_before:.4f}",
-        str(result.parameters_before),
-    )
-    summary.add_row("after", f"{result.accuracy_after:.4f}", str(result.parameters_after))
-    summary.add_row(
-        "static host, same run without growth",
-        f"{result.accuracy_static:.4f}",
-        str(result.parameters_before),
-    )
-    console.print(summary)
-    blueprint = result.blueprint.canonical_json() if result.blueprint else "-"
-    console.print(
-        f"germinated {blueprint} in layer {result.germinated_layer!r} "
-        f"(kernel {result.kernel_id[:12]}); {result.wall_seconds:.1f}s"
-    )
+    for table in demo_tables(result):
+        console.print(_rich(table))
+    print_line(closing_line(result))
     return 0
+
+
+def _rich(table: TextTable) -> Table:
+    from rich.markup import escape
+    from rich.table import Table
+
+    rendered = Table(title=table.title)
+    for column in table.columns:
+        rendered.add_column(column, justify="right" if table.numeric else "left")
+    for row in table.rows:
+        rendered.add_row(*map(escape, row))
+    return rendered

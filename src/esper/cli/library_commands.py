@@ -17,10 +17,17 @@ from urllib.parse import urlsplit
 from rich.table import Table
 
 from esper.cli.output import console, print_line
-from esper.cli.parsing import OneLineArgumentParser, port_number, positive_int, positive_number
+from esper.cli.parsing import (
+    OneLineArgumentParser,
+    port_number,
+    positive_int,
+    positive_number,
+    setting,
+)
 from esper.contracts import BlueprintSpec, BlueprintStatus
 from esper.errors import ConfigurationError
-from esper.tolaria.bounded_input import excerpt
+from esper.tolaria.assignments import parse_assignment
+from esper.urza.settings import ServiceLimits
 
 if TYPE_CHECKING:
     from esper.urza import ArtifactLibrary
@@ -45,7 +52,12 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineArgumentParser]) -> 
         ("concurrent-uploads", "uploads at once; more are told to retry (default 8)"),
         ("kernel-parameters", "parameters of a kernel a compile job may ask for"),
     ):
-        serve.add_argument(f"--max-{flag}", type=positive_int, default=None, help=f"most {what}")
+        serve.add_argument(  # the type and range of ServiceLimits' field (checked once)
+            f"--max-{flag}",
+            type=setting(ServiceLimits, f"max_{flag.replace('-', '_')}"),
+            default=None,
+            help=f"most {what}",
+        )
     serve.set_defaults(handler=_urza_serve)
 
     tezzeret = commands.add_parser("tezzeret", help="the blueprint compiler").add_subparsers(
@@ -159,14 +171,7 @@ def _urza_serve(args: argparse.Namespace) -> int:
             "the Urza service needs a bearer token: set ESPER_URZA_TOKEN to a secret value "
             "(clients send the same value)"
         )
-    limits = ("max_artifact_bytes", "max_concurrent_uploads", "max_kernel_parameters")
-    overrides: dict[str, object] = {
-        "metadata_url": args.metadata_url,
-        "blob_url": args.blob_url,
-        "run_dir": args.run_dir,
-        "limits": settings.limits.updated(**{k: getattr(args, k) for k in limits}),
-    }
-    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    settings = settings.with_options(vars(args))  # the flags named like its fields
     print_line(f"Urza service on http://{args.host}:{args.port} (Ctrl-C stops it)")
     serve(
         host=args.host,
@@ -205,27 +210,13 @@ def _tezzeret_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_param(text: str) -> tuple[str, int | float | bool | str]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigurationError(f"--param expects key=value, got {excerpt(text)}")
-    value: int | float | bool | str = raw
-    if raw.lower() in ("true", "false"):
-        value = raw.lower() == "true"
-    else:
-        for kind in (int, float):
-            try:
-                value = kind(raw)
-                break
-            except ValueError:
-                continue
-    return key, value
-
-
 def _blueprint_submit(args: argparse.Namespace) -> int:
     from esper.blueprints import parse_params
 
-    spec = BlueprintSpec(family=args.family, params=dict(_parse_param(p) for p in args.param))
+    params = dict(
+        parse_assignment(text, what="--param", example="--param rank=8") for text in args.param
+    )
+    spec = BlueprintSpec(family=args.family, params=params)
     parse_params(spec)  # unknown family or bad parameters: fail here, before storing anything
     library = _open_library(args)
     try:

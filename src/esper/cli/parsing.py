@@ -13,7 +13,9 @@ import argparse
 import math
 import re
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Annotated, Any, NoReturn
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from esper.errors import EsperError
 from esper.tolaria.bounded_input import clip, excerpt
@@ -96,9 +98,31 @@ def run_id(text: str) -> str:
     return text
 
 
+def setting(model: type[BaseModel], field: str) -> Callable[[str], Any]:
+    """An argparse type: a value of ``model``'s ``field``, checked against the field's own type
+    and range (so a flag that sets a config field never states the range a second time).
+
+    Example: ``--min-confidence`` takes ``setting(SafetyConfig, "min_confidence")``, a number in
+    [0, 1]; ``2`` is answered ``input should be less than or equal to 1, got '2'``.
+    """
+    info = model.model_fields[field]
+    field_type: Any = (
+        Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    )
+    adapter: TypeAdapter[Any] = TypeAdapter(field_type)
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as error:
+            message = str(error.errors(include_url=False)[0]["msg"])
+            problem = message[0].lower() + message[1:]
+            raise argparse.ArgumentTypeError(f"{problem}, got {excerpt(text)}") from None
+
+    parse.__name__ = f"{model.__name__}.{field}"
+    return parse
+
+
 positive_int = integer(1)
-non_negative_int = integer(0)
 port_number = integer(1, MAX_PORT)
 positive_number = number(0.0, inclusive_minimum=False)
-non_negative_number = number(0.0)
-fraction = number(0.0, 1.0)

@@ -28,11 +28,11 @@ import json
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -40,6 +40,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import GATv2Conv, global_max_pool, global_mean_pool
 from torch_geometric.utils import to_dense_batch
 
+from esper.contracts.config_model import ConfigModel
 from esper.errors import ConfigurationError
 from esper.tamiyo.graph import HEALTH_FEATURES
 from esper.tamiyo.observation import (
@@ -61,8 +62,7 @@ _HEALTH_COLUMNS = [NODE_FEATURES.index(name) for name in HEALTH_FEATURES]
 _NUM_OPTIONS = len(BLUEPRINT_CATALOG)
 
 
-@dataclass(frozen=True)
-class GNNPolicyConfig:
+class GNNPolicyConfig(ConfigModel):
     """Hyperparameters of :class:`GNNPolicy`.
 
     Attributes:
@@ -73,26 +73,26 @@ class GNNPolicyConfig:
         relative_health: also feed each health column standardized over the graph's nodes, so
             the policy can compare layers of one model directly.
         init_seed: seed of the weight initialisation.
+
+    Raises:
+        ConfigurationError: a field out of range, or ``hidden`` not a multiple of the heads.
     """
 
-    hidden: int = 64
-    attention_heads: int = 4
-    layers: int = 3
-    ensemble: int = 5
+    hidden: int = Field(default=64, ge=1)
+    attention_heads: int = Field(default=4, ge=1)
+    layers: int = Field(default=3, ge=1)
+    ensemble: int = Field(default=5, ge=1)
     relative_health: bool = True
     init_seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.hidden < 1 or self.attention_heads < 1 or self.hidden % self.attention_heads:
-            raise ConfigurationError(
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> GNNPolicyConfig:
+        if self.hidden % self.attention_heads:
+            raise ValueError(
                 f"GNN policy hidden={self.hidden} must be a positive multiple of "
                 f"attention_heads={self.attention_heads}"
             )
-        if self.layers < 1 or self.ensemble < 1:
-            raise ConfigurationError(
-                f"GNN policy needs layers >= 1 and ensemble >= 1, got layers={self.layers}, "
-                f"ensemble={self.ensemble}"
-            )
+        return self
 
     @property
     def input_features(self) -> int:
@@ -278,7 +278,7 @@ class GNNPolicy(nn.Module):
         """The policy as safetensors bytes; the header holds the config (and ``extra`` JSON)."""
         header = {
             "format_version": FORMAT_VERSION,
-            "config": asdict(self.config),
+            "config": self.config.model_dump(),
             "node_features": list(NODE_FEATURES),
             "global_features": list(GLOBAL_FEATURES),
             "catalog": [option.name for option in BLUEPRINT_CATALOG],
@@ -313,7 +313,7 @@ class GNNPolicy(nn.Module):
                     f"policy was trained with {key}={header.get(key)}, but this Esper uses "
                     f"{value}; retrain the policy for this version"
                 )
-        policy = cls(GNNPolicyConfig(**header["config"]), sample_seed=sample_seed)
+        policy = cls(GNNPolicyConfig.model_validate(header.get("config")), sample_seed=sample_seed)
         try:
             policy.load_state_dict(load_safetensors(data), strict=True)
         except (RuntimeError, ValueError) as exc:

@@ -27,9 +27,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 
 from esper.contracts import AdaptationAction, RewardReport
+from esper.contracts.config_model import ConfigModel
 from esper.errors import ConfigurationError
 
 REWARD_COMPONENTS: tuple[str, ...] = (
@@ -49,10 +50,12 @@ COMPONENT_LIMIT = 1e6
 (what :class:`~esper.contracts.RewardReport` requires) whatever was measured."""
 
 
-class RewardWeights(BaseModel):
-    """Weight of each reward component in the total (a config object; YAML-friendly)."""
+class RewardWeights(ConfigModel):
+    """Weight of each reward component in the total (a config object; YAML-friendly).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Raises:
+        ConfigurationError: an unknown component, or a weight that is not a finite number.
+    """
 
     loss_improvement: float = 1.0
     accuracy_improvement: float = 1.0

@@ -16,6 +16,9 @@ gate                    refuses when
                         ``max_parameter_fraction``
 ======================  ==================================================================
 
+The thresholds are a :class:`~esper.contracts.safety.SafetyConfig` (re-exported here), whose
+fields carry their ranges.
+
 A sixth gate, ``loss_spike``, judges a graft after its evaluation window: if the mean training
 loss over the window rose more than ``loss_spike_tolerance`` (relative) above the mean loss before
 the graft, or any loss was not finite, the graft is rolled back (culled) and its layer penalised
@@ -31,10 +34,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from esper.contracts import AdaptationAction, DecisionRefusal
+from esper.contracts.safety import SafetyConfig
 from esper.errors import ConfigurationError
 
 GATE_CONFIDENCE = "confidence"
@@ -53,68 +57,6 @@ GATES: tuple[str, ...] = (
     GATE_LOSS_SPIKE,
 )
 """Every gate's name; proposal gates are checked in this order (``loss_spike`` judges grafts)."""
-
-
-@dataclass(frozen=True)
-class SafetyConfig:
-    """Thresholds of the safety gates.
-
-    Attributes:
-        cooldown_steps: steps a layer waits after an adaptation before the next one.
-        window_steps: length of the sliding window of the rate limit, in steps.
-        max_adaptations: adaptations allowed within any window of ``window_steps`` steps.
-        min_confidence: proposals whose confidence is below this are refused.
-        max_uncertainty: proposals whose uncertainty is above this are refused (``None``: no limit).
-        max_parameter_fraction: grafted kernel parameters may reach at most this fraction of the
-            base model's parameters.
-        loss_spike_tolerance: a graft is rolled back when the mean loss of its evaluation window
-            exceeds the mean loss before it by more than this fraction.
-        rollback_cooldown_factor: after a rollback the layer's cooldown is this many times longer.
-        rollback_penalty: penalty (a positive number) reported in the reward of a rolled-back graft.
-        refusal_backoff_steps: steps a layer stays masked after one of its proposals was refused.
-    """
-
-    cooldown_steps: int = 100
-    window_steps: int = 500
-    max_adaptations: int = 4
-    min_confidence: float = 0.0
-    max_uncertainty: float | None = None
-    max_parameter_fraction: float = 0.5
-    loss_spike_tolerance: float = 0.25
-    rollback_cooldown_factor: float = 4.0
-    rollback_penalty: float = 1.0
-    refusal_backoff_steps: int = 50
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.cooldown_steps < 0 or self.refusal_backoff_steps < 0:
-            problems.append(
-                f"cooldown_steps={self.cooldown_steps} and refusal_backoff_steps="
-                f"{self.refusal_backoff_steps} (expected >= 0)"
-            )
-        if self.window_steps < 1 or self.max_adaptations < 0:
-            problems.append(
-                f"window_steps={self.window_steps} (expected >= 1) and "
-                f"max_adaptations={self.max_adaptations} (expected >= 0)"
-            )
-        if not 0.0 <= self.min_confidence <= 1.0:
-            problems.append(f"min_confidence={self.min_confidence} (expected in [0, 1])")
-        if self.max_uncertainty is not None and self.max_uncertainty < 0:
-            problems.append(f"max_uncertainty={self.max_uncertainty} (expected >= 0 or None)")
-        if self.max_parameter_fraction < 0 or self.loss_spike_tolerance < 0:
-            problems.append(
-                f"max_parameter_fraction={self.max_parameter_fraction} and "
-                f"loss_spike_tolerance={self.loss_spike_tolerance} (expected >= 0)"
-            )
-        if self.rollback_cooldown_factor < 1 or self.rollback_penalty < 0:
-            problems.append(
-                f"rollback_cooldown_factor={self.rollback_cooldown_factor} (expected >= 1) and "
-                f"rollback_penalty={self.rollback_penalty} (expected >= 0)"
-            )
-        if problems:
-            raise ConfigurationError(
-                f"invalid safety settings: {'; '.join(problems)}. Fix these SafetyConfig fields."
-            )
 
 
 @dataclass(frozen=True)
@@ -365,7 +307,7 @@ class SafetyGates:
     def state_dict(self) -> dict[str, Any]:
         """The gates' state as plain JSON-able data (config included, for inspection)."""
         return {
-            "config": asdict(self.config),
+            "config": self.config.model_dump(),
             "adaptation_steps": list(self._adaptation_steps),
             "last_adaptation": dict(self._last_adaptation),
             "blocked_until": dict(self._blocked_until),

@@ -9,6 +9,7 @@ what the user gave quotes it through :func:`excerpt`, which never builds more th
 
 from __future__ import annotations
 
+import re
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ MAX_YAML_NODES = 10_000
 
 EXCERPT_CHARS = 80
 """Default length of an input quoted in an error message."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``3e-3`` and ``1E5`` as numbers: YAML 1.1 wants a dot
+    and a signed exponent (``3.0e-3``), so without this ``lr: 3e-3`` would load as text."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel = 3
@@ -86,7 +99,8 @@ def read_config_text(path: str | Path) -> str:
 
 
 def load_yaml(text: str, *, source: str) -> Any:
-    """Parse one YAML document safely (``yaml.SafeLoader``) with its expansion bounded.
+    """Parse one YAML document safely (``yaml.SafeLoader``, plus numbers such as ``3e-3``) with
+    its expansion bounded.
 
     Args:
         text: the document.
@@ -96,7 +110,7 @@ def load_yaml(text: str, *, source: str) -> Any:
         ConfigurationError: not valid YAML, recursive aliases, or more than
             :data:`MAX_YAML_NODES` nodes once aliases are expanded.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _ConfigLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

@@ -21,8 +21,17 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from esper.contracts.safety import (
+    AdaptationCount,
+    Confidence,
+    CooldownSteps,
+    LossSpikeTolerance,
+    ParameterFraction,
+)
 from esper.errors import ConfigurationError
+from esper.tolaria.assignments import parse_assignment
 from esper.tolaria.bounded_input import clip, excerpt, load_yaml, read_config_text
+from esper.tolaria.config_renames import rename_old_keys
 
 MAX_LISTED_PROBLEMS = 10
 """Problems of an invalid config listed in its error (then a count of the others)."""
@@ -167,6 +176,13 @@ class GrowthSection(Section):
     deterministic in step. Every compatible catalog blueprint is precompiled for every seeded
     layer before training starts (``precompile``, ``warm_start``), so germinations find their
     kernels compiled.
+
+    The safety keys (``max_adaptations``, ``cooldown_steps``, ``max_parameter_fraction``,
+    ``min_confidence``, ``loss_spike_tolerance``) are fields of
+    :class:`~esper.contracts.safety.SafetyConfig`, with its names and ranges (only the defaults
+    differ; the rate limit's window is the whole run). Their old names
+    (:data:`~esper.tolaria.config_renames.RENAMED_KEYS`)
+    still load, with a warning.
     """
 
     enabled: bool = True
@@ -197,16 +213,18 @@ class GrowthSection(Section):
     in the background during the first steps."""
     evaluation_steps: int = Field(default=100, ge=1)
     """Steps after a seed turns ACTIVE before it is evaluated (reward; fossilize or cull)."""
-    max_seeds: int = Field(default=4, ge=0)
-    """Germinations allowed in the run."""
-    cooldown_steps: int = Field(default=100, ge=0)
+    max_adaptations: AdaptationCount = 4
+    """Germinations allowed in the run (formerly ``max_seeds``)."""
+    cooldown_steps: CooldownSteps = 100
     """Steps a layer waits after a germination before it may grow again."""
-    max_parameter_ratio: float = Field(default=1.0, gt=0)
-    """Grafted parameters may not exceed this fraction of the base parameters."""
-    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    max_parameter_fraction: ParameterFraction = 1.0
+    """Grafted parameters may not exceed this fraction of the base parameters (formerly
+    ``max_parameter_ratio``)."""
+    min_confidence: Confidence = 0.0
     """Refuse decisions the policy is less sure of."""
-    loss_spike_ratio: float = Field(default=1.5, gt=1)
-    """Cull a graft whose evaluation-window loss exceeds the pre-graft loss by this factor."""
+    loss_spike_tolerance: LossSpikeTolerance = 0.5
+    """Cull a graft whose evaluation-window mean loss rises more than this fraction above the
+    pre-graft mean (0.5: by half; formerly ``loss_spike_ratio``, which was 1 + this)."""
 
 
 class UrzaSection(Section):
@@ -244,21 +262,23 @@ class RunConfig(Section):
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["train.epochs=2", "host.hidden=[16, 16]"]`` -> nested dict; values parsed as YAML.
+    """``["train.epochs=2", "host.hidden=[16, 16]"]`` -> nested dict; values parsed as YAML
+    (:func:`~esper.tolaria.assignments.parse_assignment`).
 
     Raises:
         ConfigurationError: an override is not ``dotted.key=value``.
     """
     tree: dict[str, Any] = {}
     for text in overrides:
-        key, sep, raw = text.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
+        key, value = parse_assignment(
+            text, what="override", example="train.epochs=2 or run.dir=/tmp/x"
+        )
+        parts = key.split(".")
+        if not all(parts):
             raise ConfigurationError(
-                f"override {excerpt(text)} is not key=value; write e.g. train.epochs=2 or "
-                "run.dir=/tmp/x"
+                f"override {excerpt(text)} has an empty part in its key; write "
+                "section.key=value, e.g. train.epochs=2"
             )
-        value = load_yaml(raw, source=f"override {excerpt(text)}") if raw.strip() else ""
         node = tree
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -288,7 +308,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> RunC
     Raises:
         ConfigurationError: naming each bad key (with the section's valid keys) or bad value.
     """
-    data = dict(data)
+    data = rename_old_keys(data, source=source)
     for section, tag, default in (("data", "name", "digits"), ("host", "kind", "mlp")):
         if isinstance(data.get(section), Mapping) and tag not in data[section]:
             data[section] = {tag: default, **data[section]}
@@ -324,8 +344,8 @@ def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()
                 f"config file {source} must be a mapping of sections (run:, data:, host:, …), "
                 f"got a {type(loaded).__name__}"
             )
-        data = loaded or {}
-    tree = parse_overrides(overrides)
+        data = rename_old_keys(loaded or {}, source=f"config file {source}")
+    tree = rename_old_keys(parse_overrides(overrides), source="overrides")
     if overrides:
         source += " with overrides " + excerpt(" ".join(overrides), limit=200)
     return config_from_dict(merge(data, tree), source=source)

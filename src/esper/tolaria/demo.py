@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from esper.core import MorphableModel, wrap
 from esper.errors import ConfigurationError
 from esper.execution import DirectoryArtifactSource
 from esper.tasks.datasets import TensorSplit, load_digits_split
+from esper.tasks.evaluation import evaluate, task_loss
+from esper.tasks.hosts import build_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +59,21 @@ class DemoResult:
 
 
 def _accuracy(model: nn.Module, data: TensorSplit) -> float:
-    model.eval()
-    with torch.no_grad():
-        predictions = model(data.x_test).argmax(dim=1)
-    model.train()
-    return float((predictions == data.y_test).float().mean())
+    return evaluate(model, data.x_test, data.y_test, regression=False)[1]
+
+
+def seed_counts(seeds_by_state: Mapping[SeedState, int]) -> str:
+    """``dormant 3, active 1``: the states that have seeds, in lifecycle order."""
+    return ", ".join(f"{state.name.lower()} {n}" for state, n in seeds_by_state.items() if n)
 
 
 def _seed_summary(model: MorphableModel) -> str:
-    counts = model.stats().seeds_by_state
-    return ", ".join(f"{state.name.lower()} {n}" for state, n in counts.items() if n)
+    return seed_counts(model.stats().seeds_by_state)
 
 
 def _host(data: TensorSplit, hidden: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(data.num_features, hidden), nn.ReLU(), nn.Linear(hidden, data.num_classes)
-    )
+    return build_mlp(data.num_features, data.num_classes, hidden=(hidden,))
 
 
 def _train_epoch(
@@ -88,7 +88,7 @@ def _train_epoch(
     total_loss = torch.zeros(())
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        loss = nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+        loss = task_loss(model(data.x_train[batch]), data.y_train[batch], regression=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

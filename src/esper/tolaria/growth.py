@@ -152,10 +152,10 @@ class GrowthDriver:
             SafetyConfig(
                 cooldown_steps=settings.cooldown_steps,
                 window_steps=total_steps + 1,  # the rate limit caps the whole run
-                max_adaptations=settings.max_seeds,
+                max_adaptations=settings.max_adaptations,
                 min_confidence=settings.min_confidence,
-                max_parameter_fraction=settings.max_parameter_ratio,
-                loss_spike_tolerance=settings.loss_spike_ratio - 1.0,
+                max_parameter_fraction=settings.max_parameter_fraction,
+                loss_spike_tolerance=settings.loss_spike_tolerance,
             )
         )
         controller = InlineController.for_run(

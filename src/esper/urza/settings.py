@@ -1,5 +1,9 @@
 """Urza settings: the URLs, token and service limits that come from the environment, in one object.
 
+:class:`UrzaEnvironment` reads the variables (pydantic-settings); :class:`UrzaSettings` is the
+validated object the library, the service and the CLI take (``UrzaSettings.from_env()``, or built
+directly, which reads no environment).
+
 ==================================  ===============================================================
 ``ESPER_URZA_URL``                   the shared service, ``http(s)://host:port`` (clients use it)
 ``ESPER_URZA_METADATA_URL``          ``sqlite:///path`` or ``postgresql://user@host:port/db``
@@ -15,11 +19,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from esper.contracts.bounds import MAX_ARTIFACT_BYTES, MAX_PARAMETERS
 from esper.errors import ConfigurationError
@@ -70,14 +75,62 @@ class ServiceLimits(BaseModel):
             raise ConfigurationError(f"invalid Urza service limits: {problems}") from None
 
 
-_ENV_NAMES = {
-    "url": "ESPER_URZA_URL",
-    "metadata_url": "ESPER_URZA_METADATA_URL",
-    "blob_url": "ESPER_URZA_BLOB_URL",
-    "token": TOKEN_ENV,
-    "run_dir": "ESPER_URZA_RUN_DIR",
-}
-_LIMIT_ENV_NAMES = {field: f"ESPER_URZA_{field.upper()}" for field in ServiceLimits.model_fields}
+class UrzaEnvironment(BaseSettings):
+    """The ``ESPER_URZA_*`` variables as given (read by pydantic-settings; an empty one is unset).
+
+    The values stay text here: :meth:`UrzaSettings.from_env` validates them, so a bad value is
+    reported under its variable's name. Reading them needs no server and imports no backend.
+    """
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", frozen=True)
+
+    url: str | None = Field(default=None, validation_alias="ESPER_URZA_URL")
+    metadata_url: str | None = Field(default=None, validation_alias="ESPER_URZA_METADATA_URL")
+    blob_url: str | None = Field(default=None, validation_alias="ESPER_URZA_BLOB_URL")
+    token: SecretStr | None = Field(default=None, validation_alias=TOKEN_ENV)
+    run_dir: str | None = Field(default=None, validation_alias="ESPER_URZA_RUN_DIR")
+    max_artifact_bytes: str | None = Field(
+        default=None, validation_alias="ESPER_URZA_MAX_ARTIFACT_BYTES"
+    )
+    max_concurrent_uploads: str | None = Field(
+        default=None, validation_alias="ESPER_URZA_MAX_CONCURRENT_UPLOADS"
+    )
+    max_request_bytes: str | None = Field(
+        default=None, validation_alias="ESPER_URZA_MAX_REQUEST_BYTES"
+    )
+    max_kernel_parameters: str | None = Field(
+        default=None, validation_alias="ESPER_URZA_MAX_KERNEL_PARAMETERS"
+    )
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> UrzaEnvironment:
+        """The variables of ``environ``, or of the process environment when ``None``."""
+        if environ is None:
+            return cls()
+        given = {name: value for name, value in environ.items() if value}
+        return _GivenVariables.model_validate(given)
+
+    def variable(self, field: str) -> str:
+        """The environment variable of ``field`` (``max_artifact_bytes`` ->
+        ``ESPER_URZA_MAX_ARTIFACT_BYTES``)."""
+        alias = type(self).model_fields[field].validation_alias
+        return str(alias) if alias is not None else field
+
+
+class _GivenVariables(UrzaEnvironment):
+    """The variables of a given mapping only (the process environment is not read)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values given to the constructor."""
+        return (init_settings,)
 
 
 class UrzaSettings(BaseModel):
@@ -106,25 +159,35 @@ class UrzaSettings(BaseModel):
         """Settings from ``ESPER_URZA_*`` variables (``os.environ`` unless given); empty = unset.
 
         Raises:
-            ConfigurationError: a limit variable is not a number in its range.
+            ConfigurationError: a variable's value is invalid (a limit not a number in its
+                range); the message names the variable.
         """
-        environ = os.environ if environ is None else environ
-        values = {field: environ.get(name) for field, name in _ENV_NAMES.items()}
-        limits = {field: environ.get(name) for field, name in _LIMIT_ENV_NAMES.items()}
+        environment = UrzaEnvironment.read(environ)
+        values: dict[str, Any] = environment.model_dump(exclude_none=True)
+        limits = {name: values.pop(name) for name in ServiceLimits.model_fields if name in values}
         try:
-            return cls.model_validate(
-                {field: value for field, value in values.items() if value}
-                | {"limits": {field: value for field, value in limits.items() if value}}
-            )
+            return cls.model_validate(values | {"limits": limits})
         except ValidationError as error:
             problems = "; ".join(
-                f"{_variable(err['loc'])}: {err['msg']}" for err in error.errors(include_url=False)
+                f"{environment.variable(str(err['loc'][-1]))}: {err['msg']}"
+                for err in error.errors(include_url=False)
             )
             raise ConfigurationError(
                 f"invalid Urza settings in the environment: {problems}"
             ) from None
 
+    def with_options(self, options: Mapping[str, Any]) -> UrzaSettings:
+        """These settings with the ``options`` named like their fields (``metadata_url``,
+        ``blob_url``, ``run_dir``) or like a limit (``max_artifact_bytes``…) replaced; other names
+        and ``None`` values are ignored, e.g. ``settings.with_options(vars(args))``.
 
-def _variable(location: tuple[int | str, ...]) -> str:
-    field = str(location[-1])
-    return _LIMIT_ENV_NAMES.get(field) or _ENV_NAMES.get(field) or field
+        Raises:
+            ConfigurationError: a limit out of its range (the message names the option).
+        """
+        given = {name: value for name, value in options.items() if value is not None}
+        limits = {name: given[name] for name in ServiceLimits.model_fields if name in given}
+        fields = {"metadata_url", "blob_url", "run_dir"} & set(given)
+        update: dict[str, Any] = {name: given[name] for name in fields}
+        if "run_dir" in update:
+            update["run_dir"] = Path(update["run_dir"])
+        return self.model_copy(update=update | {"limits": self.limits.updated(**limits)})

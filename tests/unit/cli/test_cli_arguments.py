@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[3]
 BAD_ARGUMENTS = {
     "port above 65535": (["urza", "serve", "--port", "99999"], "--port"),
     "port 0": (["urza", "serve", "--port", "0"], "--port"),
+    "upload limit above its range": (
+        ["urza", "serve", "--max-artifact-bytes", str(2**41)],
+        "--max-artifact-bytes",
+    ),
     "no ranks": (["train", "--nproc", "0"], "--nproc"),
     "negative stop epoch": (["train", "--stop-after-epoch", "-1"], "--stop-after-epoch"),
     "resume epoch 0": (["train", "--resume", "runs/x", "--epoch", "0"], "--epoch"),
@@ -117,3 +121,45 @@ def test_python_dash_m_esper_cli_is_the_esper_command() -> None:
     )
 
     assert done.returncode == 0 and "--resume" in done.stdout and "--epoch" in done.stdout
+
+
+def test_tamiyo_serve_flags_set_the_safety_config_fields_they_are_named_after() -> None:
+    from esper.contracts.safety import SafetyConfig
+
+    parser = cli.build_parser()
+    base = ["tamiyo", "serve", "--bus", "memory://", "--run-id", "r"]
+
+    defaults = SafetyConfig.from_options(vars(parser.parse_args(base)))
+    flags = ["--cooldown-steps", "7", "--window-steps", "90", "--max-adaptations", "2"]
+    flags += [
+        "--min-confidence",
+        "0.25",
+        "--max-uncertainty",
+        "0.5",
+        "--max-parameter-fraction",
+        "3",
+    ]
+    given = SafetyConfig.from_options(vars(parser.parse_args([*base, *flags])))
+
+    assert defaults == SafetyConfig()
+    assert given == SafetyConfig(
+        cooldown_steps=7,
+        window_steps=90,
+        max_adaptations=2,
+        min_confidence=0.25,
+        max_uncertainty=0.5,
+        max_parameter_fraction=3.0,
+    )
+
+
+def test_a_safety_flag_out_of_range_names_the_fields_range(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = cli.main(
+        ["tamiyo", "serve", "--bus", "memory://", "--run-id", "r", "--window-steps", "0"]
+    )
+
+    assert code == 2
+    assert "--window-steps: input should be greater than or equal to 1, got '0'" in (
+        capsys.readouterr().err
+    )

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import time
 
+import factories
 from esper.contracts import AdaptationAction, AdaptationDecision, KernelReady, Topic
 from esper.oona import BackgroundSubscriber, InProcessBus
 
 
 def _decision(step: int) -> AdaptationDecision:
-    return AdaptationDecision(
-        run_id="r",
-        step=step,
-        action=AdaptationAction.CULL,
-        layer_name="fc",
-        seed_idx=0,
-        policy="test",
-        confidence=1.0,
-        uncertainty=0.0,
-    )
+    return factories.decision(run_id="r", action=AdaptationAction.CULL, step=step)
 
 
 def _drain_until(subscriber: BackgroundSubscriber[AdaptationDecision], count: int) -> list:  # type: ignore[type-arg]

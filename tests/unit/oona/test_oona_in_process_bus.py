@@ -11,20 +11,7 @@ import pytest
 from esper.contracts import SCHEMA_VERSION, KernelReady, Topic
 from esper.errors import ConfigurationError
 from esper.oona import BusUnavailableError, InProcessBus
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand, so idle times need no sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
+from factories import FakeClock
 
 KernelReadyFactory = Callable[[int], KernelReady]
 

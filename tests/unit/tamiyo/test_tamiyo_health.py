@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from esper.contracts import HealthSignal, HealthSignalBatch, LayerKind, SeedHealth, SeedState, Topic
+from esper.contracts import HealthSignal, HealthSignalBatch, SeedState, Topic
 from esper.errors import ConfigurationError
 from esper.oona import open_bus
 from esper.tamiyo.health import HealthCollector
+from factories import health_signal, seed_health
 
 
 def _signal(
@@ -28,21 +29,12 @@ def _signal(
     states: tuple[SeedState, ...] = (SeedState.DORMANT, SeedState.DORMANT),
 ) -> HealthSignal:
     seeds = tuple(
-        SeedHealth(
-            seed_idx=i,
-            state=state,
-            alpha=0.0,
-            contribution_rms=0.0,
-            nonfinite_output=nonfinite and i == 0,
-            error_count=0,
-        )
+        seed_health(i, state, nonfinite_output=nonfinite and i == 0)
         for i, state in enumerate(states)
     )
-    return HealthSignal(
-        layer_name=layer,
-        layer_kind=LayerKind.LINEAR,
+    return health_signal(
+        layer,
         step=step,
-        timestamp=0.0,
         samples=samples,
         output_mean=mean,
         output_std=std,

@@ -8,15 +8,12 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from esper.blueprints import decode_artifact, register_family, sha256_hex
-from esper.contracts import BlueprintSpec, KernelTarget, LayerKind
+from esper.contracts import BlueprintSpec, KernelTarget
 from esper.tezzeret import BlueprintValidationError, compile_blueprint, example_input
+from factories import conv2d_target, linear_target
 
-LINEAR = KernelTarget(
-    layer_kind=LayerKind.LINEAR, in_features=12, out_features=6, channel_dim=-1, spatial_dims=0
-)
-CONV = KernelTarget(
-    layer_kind=LayerKind.CONV2D, in_features=4, out_features=4, channel_dim=1, spatial_dims=2
-)
+LINEAR = linear_target(12, 6)
+CONV = conv2d_target(4, 4)
 
 
 class _NoParams(BaseModel):

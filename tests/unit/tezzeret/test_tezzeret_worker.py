@@ -20,7 +20,6 @@ from esper.contracts import (
     KernelFailed,
     KernelReady,
     KernelTarget,
-    LayerKind,
     SeedState,
     Topic,
 )
@@ -30,6 +29,7 @@ from esper.urza import ArtifactLibrary, HttpUrza, UrzaArtifactSource, create_app
 from esper.urza.blob_stores import LocalBlobStore
 from esper.urza.settings import ServiceLimits
 from esper.urza.storage_library import StorageLibrary
+from factories import FakeClock, linear_target, on_clock
 
 
 @pytest.fixture
@@ -42,13 +42,7 @@ def library(tmp_path: Path) -> ArtifactLibrary:
 
 
 def _target(width: int) -> KernelTarget:
-    return KernelTarget(
-        layer_kind=LayerKind.LINEAR,
-        in_features=width,
-        out_features=width,
-        channel_dim=-1,
-        spatial_dims=0,
-    )
+    return linear_target(width, width)
 
 
 def test_find_or_enqueue_then_worker_compiles_and_announces(library: ArtifactLibrary) -> None:
@@ -171,20 +165,15 @@ def test_refused_artifact_fails_the_job_after_one_compile_and_announces_it(
 
 
 def test_a_job_claimed_too_many_times_is_abandoned(tmp_path: Path) -> None:
-    library = open_library(run_dir=tmp_path)
-    clock = [1_000.0]
-    storage = StorageLibrary(
-        metadata=library.metadata,  # type: ignore[attr-defined]
-        blobs=library.blobs,  # type: ignore[attr-defined]
-        clock=lambda: clock[0],
-    )
+    clock = FakeClock()  # the leases lapse without sleeping
+    storage = on_clock(open_library(run_dir=tmp_path), clock)
     bus = open_bus("memory://")
     failures = bus.subscribe(Topic.KERNEL_FAILED, "test", "t")
     request = find_or_enqueue(storage, BlueprintSpec(family="lowrank_adapter"), _target(8))
     assert request.job is not None
     for dead in range(3):  # three workers claimed it and died mid-compile
         assert storage.claim_job(f"dead-{dead}", lease_seconds=10) is not None
-        clock[0] += 11
+        clock.advance(11)
 
     worker = TezzeretWorker(storage, bus, worker_id="w", max_attempts=3)
     assert worker.run(stop_when_idle=True) == 1

@@ -10,9 +10,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from esper.contracts import BlueprintSpec, CompileJobStatus, KernelTarget, LayerKind
+from esper.contracts import BlueprintSpec, CompileJobStatus
 from esper.tezzeret import TezzeretProcess, find_or_enqueue, library_location
 from esper.urza import open_library
+from factories import linear_target
 
 
 def _alive(pid: int) -> bool:
@@ -31,9 +32,7 @@ def test_worker_process_compiles_the_parents_library(tmp_path: Path) -> None:
     library = open_library(
         metadata_url=f"sqlite:///{tmp_path}/urza.sqlite3", blob_url=f"file://{tmp_path}/blobs"
     )
-    target = KernelTarget(
-        layer_kind=LayerKind.LINEAR, in_features=8, out_features=8, channel_dim=-1, spatial_dims=0
-    )
+    target = linear_target(8, 8)
     request = find_or_enqueue(library, BlueprintSpec(family="lowrank_adapter"), target)
     assert request.job is not None
     worker = TezzeretProcess(library_location(library), log_path=tmp_path / "worker.log")

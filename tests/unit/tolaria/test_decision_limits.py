@@ -38,27 +38,16 @@ from esper.tolaria.decision_limits import (
 )
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
+from factories import germinate, linear_target
 
-TARGET = KernelTarget(
-    layer_kind=LayerKind.LINEAR, in_features=16, out_features=16, channel_dim=-1, spatial_dims=0
-)
+TARGET = linear_target(16, 16)
 MLP = BlueprintSpec(family="residual_mlp", params={"hidden": 32})  # 16*32+32+32*16+16 = 1072
 LIMITS = DecisionLimits(max_parameter_fraction=1.0, max_adaptations=2, window_steps=100)
 
 
 def _decision(step: int = 50, **update: object) -> AdaptationDecision:
-    decision = AdaptationDecision(
-        run_id="r",
-        step=step,
-        action=AdaptationAction.GERMINATE,
-        layer_name="fc",
-        seed_idx=0,
-        blueprint=MLP,
-        policy="p",
-        confidence=1.0,
-        uncertainty=0.0,
-    )
-    return decision.model_copy(update=update)
+    decision = germinate("fc", run_id="r", step=step, blueprint=MLP, policy="p")
+    return decision.model_copy(update=update)  # unvalidated: forged decisions too
 
 
 def _state(**update: object) -> GrowthState:
@@ -149,8 +138,6 @@ def test_limits_come_from_the_runs_safety_config() -> None:
 
 # -- forged decisions through the bus a real executor listens to ---------------------------------
 
-MLP_H32 = next(option.spec for option in BLUEPRINT_CATALOG if option.name == "mlp_h32")
-
 
 @pytest.fixture
 def library(tmp_path: Path) -> Iterator[ArtifactLibrary]:
@@ -162,17 +149,7 @@ def library(tmp_path: Path) -> Iterator[ArtifactLibrary]:
 
 
 def _germinate(layer: str = "0", *, step: int = 0, seed_idx: int = 0) -> AdaptationDecision:
-    return AdaptationDecision(
-        run_id="run-1",
-        step=step,
-        action=AdaptationAction.GERMINATE,
-        layer_name=layer,
-        seed_idx=seed_idx,
-        blueprint=MLP_H32,
-        policy="test",
-        confidence=1.0,
-        uncertainty=0.0,
-    )
+    return germinate(layer, step=step, seed_idx=seed_idx)  # the catalog's mlp_h32
 
 
 def _drain(bus: InProcessBus, topic: str) -> list[DecisionRefusal]:

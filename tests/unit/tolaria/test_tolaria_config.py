@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from esper.errors import ConfigurationError
 from esper.tolaria.config import (
@@ -211,3 +212,118 @@ def test_a_preset_comment_names_the_compile_worker_the_run_uses(path: Path) -> N
 
     if "Tezzeret" in header:
         assert {"process": "worker process", "thread": "Tezzeret thread"}[worker] in header
+
+
+def test_the_safety_keys_have_the_safety_configs_names_and_ranges() -> None:
+    from esper.contracts.safety import SafetyConfig
+
+    growth = RunConfig().growth
+    safety_keys = {"max_adaptations", "cooldown_steps", "max_parameter_fraction"}
+    safety_keys |= {"min_confidence", "loss_spike_tolerance"}
+
+    assert safety_keys <= set(type(growth).model_fields) & set(SafetyConfig.model_fields)
+    for key in safety_keys:  # one range, stated once: the same constraints on both
+        assert type(growth).model_fields[key].metadata == SafetyConfig.model_fields[key].metadata, (
+            key
+        )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value", "loaded"),
+    [
+        ("max_seeds", "max_adaptations", "2", 2),
+        ("max_parameter_ratio", "max_parameter_fraction", "3.0", 3.0),
+        ("loss_spike_ratio", "loss_spike_tolerance", "1.5", 0.5),
+    ],
+)
+def test_an_old_key_still_loads_under_its_new_name_with_a_warning(
+    old: str,
+    new: str,
+    value: str,
+    loaded: float,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text(f"growth:\n  {old}: {value}\n")
+
+    with caplog.at_level("WARNING", logger="esper.tolaria.config_renames"):
+        from_file = load_config(path)
+        from_override = load_config(overrides=[f"growth.{old}={value}"])
+
+    assert getattr(from_file.growth, new) == loaded
+    assert getattr(from_override.growth, new) == loaded
+    assert f"growth.{old} is now growth.{new}" in caplog.text
+    assert old not in from_file.to_yaml()  # a run folder keeps the new name
+
+
+def test_an_old_key_in_an_override_replaces_the_new_key_of_the_file() -> None:
+    config = load_config(CONFIGS / "digits.yaml", overrides=["growth.max_seeds=1"])
+
+    assert config.growth.max_adaptations == 1
+
+
+def test_a_key_under_both_names_is_refused_naming_the_one_to_keep(tmp_path: Path) -> None:
+    path = tmp_path / "both.yaml"
+    path.write_text("growth:\n  max_seeds: 2\n  max_adaptations: 3\n")
+
+    with pytest.raises(ConfigurationError, match=r"keep only growth\.max_adaptations"):
+        load_config(path)
+
+
+def test_an_old_loss_spike_ratio_that_is_not_a_number_says_what_to_write() -> None:
+    with pytest.raises(ConfigurationError, match=r"growth.loss_spike_tolerance: 0\.5"):
+        load_config(overrides=["growth.loss_spike_ratio=high"])
+
+
+def test_a_run_folder_config_of_the_old_names_resumes_with_the_same_values(
+    tmp_path: Path,
+) -> None:
+    old = RunConfig().model_dump(mode="json")
+    growth = old["growth"]
+    growth["max_seeds"] = growth.pop("max_adaptations")
+    growth["max_parameter_ratio"] = growth.pop("max_parameter_fraction")
+    growth["loss_spike_ratio"] = growth.pop("loss_spike_tolerance") + 1.0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+
+    assert load_config(path) == RunConfig()
+
+
+ASSIGNED_VALUES = {
+    "2": 2,
+    "0.5": 0.5,
+    "1e-3": 0.001,  # YAML 1.1 alone would keep this a string
+    "-2E4": -20000.0,
+    "true": True,
+    "[16, 16]": [16, 16],
+    "relu": "relu",
+    "'1e5'": "1e5",  # quoted: text
+    "": "",
+}
+
+
+@pytest.mark.parametrize("raw", ASSIGNED_VALUES, ids=repr)
+def test_overrides_and_blueprint_parameters_read_a_value_the_same_way(raw: str) -> None:
+    from esper.tolaria.assignments import parse_assignment
+
+    override = parse_overrides([f"section.key={raw}"])["section"]["key"]
+    _, parameter = parse_assignment(f"key={raw}", what="--param", example="--param rank=8")
+
+    assert override == parameter == ASSIGNED_VALUES[raw]
+    assert type(override) is type(ASSIGNED_VALUES[raw])
+
+
+def test_a_config_file_reads_exponent_numbers_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  lr: 3e-3\n  kernel_lr: 1E-4\nhost:\n  hidden: [1e2]\n")
+
+    config = load_config(path)
+
+    assert config.train.lr == 0.003 and config.train.kernel_lr == 0.0001
+    assert config.host.hidden == [100]  # type: ignore[union-attr]
+
+
+def test_an_override_key_with_an_empty_part_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="empty part in its key"):
+        parse_overrides(["train..epochs=2"])

@@ -29,8 +29,8 @@ GROWTH = [
     "growth.graft_delay=4",
     "growth.evaluation_steps=10",
     "growth.cooldown_steps=20",
-    "growth.max_parameter_ratio=5",
-    "growth.max_seeds=3",
+    "growth.max_parameter_fraction=5",
+    "growth.max_adaptations=3",
     "urza.worker=thread",  # ready within a second; the worker process is the smoke test's
 ]
 

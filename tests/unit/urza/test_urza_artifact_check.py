@@ -26,13 +26,10 @@ from esper.tezzeret import find_or_enqueue
 from esper.urza.artifact_check import SAFETENSORS_DTYPE_OF, scan_artifact
 from esper.urza.errors import ARTIFACT_REFUSALS, KernelMetadataMismatchError
 from esper.urza.storage_library import StorageLibrary
+from factories import conv2d_target, linear_target
 
-LINEAR = KernelTarget(
-    layer_kind=LayerKind.LINEAR, in_features=16, out_features=8, channel_dim=-1, spatial_dims=0
-)
-CONV = KernelTarget(
-    layer_kind=LayerKind.CONV2D, in_features=8, out_features=8, channel_dim=1, spatial_dims=2
-)
+LINEAR = linear_target(16, 8)
+CONV = conv2d_target(8, 8)
 RESIDUAL = BlueprintSpec(family="residual_mlp", params={"hidden": 64})
 LOWRANK4 = BlueprintSpec(family="lowrank_adapter", params={"rank": 4})
 

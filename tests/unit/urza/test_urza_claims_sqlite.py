@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 from esper.contracts import BlueprintSpec, CompileJobStatus, KernelTarget
 from esper.urza import open_storage_library
+from factories import FakeClock, on_clock
 
 JOBS = 40
 CLAIMERS = 4
@@ -62,12 +62,15 @@ def test_each_job_is_claimed_exactly_once(
 def test_a_lapsed_lease_goes_to_exactly_one_reclaimer(
     tmp_path: Path, spec: BlueprintSpec, linear_target
 ) -> None:
-    setup = open_storage_library(run_dir=tmp_path)
+    clock = FakeClock()  # every handle reads the test's time: the lease lapses without sleeping
+    setup = on_clock(open_storage_library(run_dir=tmp_path), clock)
     setup.submit_blueprint(spec)
     job = setup.enqueue_job(spec.blueprint_id, linear_target())
-    setup.claim_job("dies", lease_seconds=0.2)
-    time.sleep(0.3)
-    handles = [open_storage_library(run_dir=tmp_path) for _ in range(CLAIMERS)]
+    setup.claim_job("dies", lease_seconds=10)
+    handles = [on_clock(open_storage_library(run_dir=tmp_path), clock) for _ in range(CLAIMERS)]
+    clock.advance(10)
+    assert handles[0].claim_job("too-early", lease_seconds=300) is None  # held to its last second
+    clock.advance(0.001)
     won: dict[str, str] = {}
     start = threading.Barrier(CLAIMERS)
 
@@ -86,5 +89,6 @@ def test_a_lapsed_lease_goes_to_exactly_one_reclaimer(
     assert len(won) == 1 and list(won.values()) == [job.job_id]
     stored = setup.get_job(job.job_id)
     assert (stored.worker_id, stored.attempts) == (next(iter(won)), 2)
+    assert stored.lease_expires_at == clock() + 300  # the rescuer's lease, on the same clock
     for handle in (setup, *handles):
         handle.close()

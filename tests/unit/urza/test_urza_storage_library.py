@@ -13,13 +13,13 @@ from esper.contracts import (
     CompileJobStatus,
     KernelCharacterization,
     KernelTarget,
-    LayerKind,
 )
 from esper.errors import ArtifactIntegrityError, ConfigurationError, KernelNotFoundError
 from esper.urza import ArtifactLibrary, BlueprintNotFoundError, JobNotFoundError, JobStateError
 from esper.urza.blob_stores import LocalBlobStore
 from esper.urza.errors import KernelMetadataMismatchError
 from esper.urza.storage_library import StorageLibrary
+from factories import conv2d_target
 
 
 def _characterization(latency_us: float) -> KernelCharacterization:
@@ -212,13 +212,7 @@ def test_find_kernels_by_blueprint_target_device_and_dtype(
 ) -> None:
     wide = BlueprintSpec(family="residual_mlp", params={"hidden": 64})
     narrow = BlueprintSpec(family="lowrank_adapter", params={"rank": 4})
-    conv = KernelTarget(
-        layer_kind=LayerKind.CONV2D,
-        in_features=16,
-        out_features=8,
-        channel_dim=1,
-        spatial_dims=2,
-    )
+    conv = conv2d_target(16, 8)
     kernels = {
         "wide_cpu": make_kernel(blueprint=wide, target=linear_target(16, 8)),
         "wide_cuda": make_kernel(blueprint=wide, target=linear_target(16, 8, device="cuda")),

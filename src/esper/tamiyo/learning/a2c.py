@@ -19,7 +19,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 
+from esper.contracts.config_model import ConfigModel
 from esper.tamiyo.learning.rollout import (
     RolloutBuffer,
     TrainablePolicy,
@@ -31,16 +33,19 @@ from esper.tamiyo.learning.rollout import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class A2CConfig:
-    """A2C hyperparameters (cleanrl names)."""
+class A2CConfig(ConfigModel):
+    """A2C hyperparameters (cleanrl names).
 
-    learning_rate: float = 7e-4
-    gamma: float = 0.99
-    gae_lambda: float = 1.0
+    Raises:
+        ConfigurationError: a field out of its range (every such field is named).
+    """
+
+    learning_rate: float = Field(default=7e-4, gt=0)
+    gamma: float = Field(default=0.99, ge=0, le=1)
+    gae_lambda: float = Field(default=1.0, ge=0, le=1)
     ent_coef: float = 0.01
     vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = Field(default=0.5, gt=0)
     norm_adv: bool = False
 
 

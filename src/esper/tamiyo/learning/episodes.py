@@ -24,14 +24,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
-from torch.nn import functional as F
 
 from esper.blueprints import create_artifact
 from esper.contracts import SeedState
+from esper.contracts.config_model import ConfigModel
 from esper.core import MorphableModel, wrap
 from esper.errors import ConfigurationError
 from esper.execution import InMemoryArtifactSource
@@ -41,14 +42,14 @@ from esper.tamiyo.learning.growth_tasks import GrowthTask, TaskInstance
 from esper.tamiyo.learning.rollout import Transition
 from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph
 from esper.tamiyo.reward import AdaptationOutcome, Reward, RewardWeights, compute_reward
+from esper.tasks.evaluation import evaluate, task_loss
 
 logger = logging.getLogger(__name__)
 
 _OPTION_NAMES = [option.name for option in BLUEPRINT_CATALOG]
 
 
-@dataclass(frozen=True)
-class EpisodeConfig:
+class EpisodeConfig(ConfigModel):
     """How an episode trains and when the policy decides.
 
     Attributes:
@@ -60,38 +61,39 @@ class EpisodeConfig:
         learning_rate: Adam learning rate (kernels get the same).
         seeds_per_layer: seeds of every wrapped layer.
         blend_steps: alpha ramp length of a grafted kernel.
-        health_every: record layer health every this many steps.
+        health_every: record layer health every this many steps (0: never).
         telemetry_every: flush telemetry into the health collector every this many steps.
         max_germinations: germinations allowed per episode (the parameter budget).
         allowed_options: catalog option names the policy may choose (``None``: all).
         reward_weights: weights of the episode's reward.
+
+    Raises:
+        ConfigurationError: a field out of its range, or an option the catalog does not have.
     """
 
-    warmup_steps: int = 150
-    decisions: int = 1
-    decision_every: int = 50
-    steps_after: int = 150
-    batch_size: int = 64
-    learning_rate: float = 0.02
-    seeds_per_layer: int = 1
-    blend_steps: int = 10
-    health_every: int = 5
-    telemetry_every: int = 10
-    max_germinations: int = 1
+    warmup_steps: int = Field(default=150, ge=1)
+    decisions: int = Field(default=1, ge=1)
+    decision_every: int = Field(default=50, ge=1)
+    steps_after: int = Field(default=150, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=0.02, gt=0)
+    seeds_per_layer: int = Field(default=1, ge=1)
+    blend_steps: int = Field(default=10, ge=1)
+    health_every: int = Field(default=5, ge=0)
+    telemetry_every: int = Field(default=10, ge=1)
+    max_germinations: int = Field(default=1, ge=0)
     allowed_options: tuple[str, ...] | None = ("mlp_h32",)
-    reward_weights: RewardWeights = field(default_factory=RewardWeights)
+    reward_weights: RewardWeights = Field(default_factory=RewardWeights)
 
-    def __post_init__(self) -> None:
-        if self.warmup_steps < 1 or self.decisions < 1 or self.decision_every < 1:
-            raise ConfigurationError(
-                f"episode needs warmup_steps, decisions and decision_every >= 1; got "
-                f"{self.warmup_steps}, {self.decisions}, {self.decision_every}"
-            )
-        unknown = [n for n in self.allowed_options or () if n not in _OPTION_NAMES]
+    @field_validator("allowed_options")
+    @classmethod
+    def _catalog_options(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        unknown = [n for n in names or () if n not in _OPTION_NAMES]
         if unknown:
-            raise ConfigurationError(
+            raise ValueError(
                 f"unknown blueprint option(s) {unknown}; catalog options are {_OPTION_NAMES}"
             )
+        return names
 
     @property
     def decision_steps(self) -> tuple[int, ...]:
@@ -159,19 +161,10 @@ class EpisodeResult:
         return bool(self.germinations) and self.germinations[0].layer_name == self.bottleneck
 
 
-def _loss(instance: TaskInstance, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if instance.loss == "mse":
-        return F.mse_loss(output, target)
-    return F.cross_entropy(output, target)
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, instance: TaskInstance) -> tuple[float, float | None]:
-    output = model(instance.x_val)
-    loss = float(_loss(instance, output, instance.y_val))
-    if instance.loss == "cross_entropy":
-        return loss, float((output.argmax(dim=1) == instance.y_val).float().mean())
-    return loss, None
+def _validate(model: nn.Module, instance: TaskInstance) -> tuple[float, float | None]:
+    """Validation loss, and accuracy for a classification task (``None`` for regression)."""
+    loss, score = evaluate(model, instance.x_val, instance.y_val, regression=instance.regression)
+    return loss, None if instance.regression else score
 
 
 def _restrict(graph: LayerGraph, config: EpisodeConfig, germinated: int) -> LayerGraph:
@@ -252,7 +245,8 @@ def run_episode(
     n_train = instance.x_train.shape[0]
     for step in range(1, cfg.total_steps + 1):
         idx = torch.randint(0, n_train, (cfg.batch_size,), generator=batches)
-        loss = _loss(instance, model(instance.x_train[idx]), instance.y_train[idx])
+        outputs = model(instance.x_train[idx])
+        loss = task_loss(outputs, instance.y_train[idx], regression=instance.regression)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -260,7 +254,7 @@ def run_episode(
         losses.append(value)
         loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
         if step == first_decision:
-            val_start, acc_start = _evaluate(model, instance)  # before step(): health untouched
+            val_start, acc_start = _validate(model, instance)  # before step(): health untouched
         model.step()
         if step % cfg.telemetry_every == 0:
             collector.ingest(model.collect_telemetry())
@@ -299,7 +293,7 @@ def run_episode(
                 )
             )
 
-    val_final, acc_final = _evaluate(model, instance)
+    val_final, acc_final = _validate(model, instance)
     added = sum(p.numel() for p in model.kernel_parameters())
     window = cfg.decision_every
     before = losses[max(0, first_decision - window) : first_decision]

@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from esper.errors import ConfigurationError
-
-LossKind = Literal["mse", "cross_entropy"]
+from esper.tasks.datasets import TensorSplit, load_digits_split, load_mnist1d_split
+from esper.tasks.hosts import build_mlp
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,11 @@ class TaskInstance:
         name: the task's name.
         host: the untrained host model (not yet wrapped).
         x_train: ``(N, F)`` float32.
-        y_train: ``(N, D)`` float32 targets (mse) or ``(N,)`` int64 labels (cross_entropy).
+        y_train: ``(N, D)`` float32 targets (regression) or ``(N,)`` int64 labels.
         x_val: validation inputs.
         y_val: validation targets.
-        loss: ``"mse"`` or ``"cross_entropy"``.
+        regression: the loss is the mean squared error (else cross-entropy); see
+            :func:`esper.tasks.evaluation.task_loss`.
         bottleneck: the layer whose limitation growth should relieve, if known.
     """
 
@@ -56,7 +57,7 @@ class TaskInstance:
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
-    loss: LossKind
+    regression: bool
     bottleneck: str | None = None
 
 
@@ -161,18 +162,22 @@ class BottleneckTask:
             y_train=teacher(x_train),
             x_val=x_val,
             y_val=teacher(x_val),
-            loss="mse",
+            regression=True,
             bottleneck=f"branches.{b}",
         )
 
 
-def _mlp(sizes: tuple[int, ...]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+def _classification_instance(
+    name: str, split: TensorSplit, hidden: tuple[int, ...], seed: int
+) -> TaskInstance:
+    """An instance of a classification split: a freshly initialised MLP (seeded by ``seed``),
+    the split's test examples as validation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        host = build_mlp(split.num_features, split.num_classes, hidden=hidden)
+    return TaskInstance(
+        name, host, split.x_train, split.y_train, split.x_test, split.y_test, regression=False
+    )
 
 
 @dataclass(frozen=True)
@@ -188,16 +193,7 @@ class DigitsTask:
 
     def sample(self, seed: int) -> TaskInstance:
         """A shuffled split and a freshly initialised MLP for episode ``seed``."""
-        from esper.tasks.datasets import load_digits_split
-
-        split = load_digits_split(seed=seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            host = _mlp((64, *self.hidden, 10))
-        return TaskInstance(
-            self.name, host, split.x_train, split.y_train, split.x_test, split.y_test,
-            "cross_entropy",
-        )  # fmt: skip
+        return _classification_instance(self.name, load_digits_split(seed=seed), self.hidden, seed)
 
 
 @dataclass(frozen=True)
@@ -214,13 +210,5 @@ class MNIST1DTask:
 
     def sample(self, seed: int) -> TaskInstance:
         """The dataset (fixed) and a freshly initialised MLP for episode ``seed``."""
-        from esper.tasks.datasets import load_mnist1d_split
-
         split = load_mnist1d_split(num_samples=self.num_samples)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            host = _mlp((40, *self.hidden, 10))
-        return TaskInstance(
-            self.name, host, split.x_train, split.y_train, split.x_test, split.y_test,
-            "cross_entropy",
-        )  # fmt: skip
+        return _classification_instance(self.name, split, self.hidden, seed)

@@ -23,12 +23,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from esper.contracts.config_model import ConfigModel
 from esper.tamiyo.learning.a2c import A2CConfig, A2CStats, A2CTrainer
 from esper.tamiyo.learning.episodes import EpisodeConfig, EpisodeResult, run_episode
 from esper.tamiyo.learning.growth_tasks import BottleneckTask, GrowthTask
@@ -56,8 +58,7 @@ PRETRAINED_NAME = "bottleneck_gnn"
 """File stem of the shipped policy (``.safetensors`` weights, ``.json`` training record)."""
 
 
-@dataclass(frozen=True)
-class PolicyTrainingConfig:
+class PolicyTrainingConfig(ConfigModel):
     """Everything that determines a trained policy.
 
     Attributes:
@@ -72,19 +73,19 @@ class PolicyTrainingConfig:
     """
 
     algorithm: Literal["ppo", "a2c"] = "ppo"
-    iterations: int = 16
-    episodes_per_iteration: int = 24
+    iterations: int = Field(default=16, ge=0)
+    episodes_per_iteration: int = Field(default=24, ge=1)
     seed: int = 0
-    episode: EpisodeConfig = field(
+    episode: EpisodeConfig = Field(
         default_factory=lambda: EpisodeConfig(reward_weights=BUDGETED_REWARD)
     )
-    policy: GNNPolicyConfig = field(default_factory=GNNPolicyConfig)
-    ppo: PPOConfig = field(
+    policy: GNNPolicyConfig = Field(default_factory=GNNPolicyConfig)
+    ppo: PPOConfig = Field(
         default_factory=lambda: PPOConfig(
             learning_rate=2e-3, gamma=1.0, gae_lambda=1.0, update_epochs=4, minibatch_size=12
         )
     )
-    a2c: A2CConfig = field(
+    a2c: A2CConfig = Field(
         default_factory=lambda: A2CConfig(learning_rate=1e-3, gamma=1.0, norm_adv=True)
     )
 
@@ -229,7 +230,7 @@ def train_policy(
 def training_record(result: TrainingResult, evaluation: EvaluationSummary | None) -> dict[str, Any]:
     """A JSON-able record of how a policy was trained (and how it did on held-out episodes)."""
     record: dict[str, Any] = {
-        "config": json.loads(json.dumps(asdict(result.config), default=_jsonable)),
+        "config": result.config.model_dump(mode="json"),
         "history": [asdict(log) for log in result.history],
         "training_seconds": result.seconds,
         "torch": torch.__version__,
@@ -241,12 +242,6 @@ def training_record(result: TrainingResult, evaluation: EvaluationSummary | None
             "germination_rate": evaluation.germination_rate,
         }
     return record
-
-
-def _jsonable(value: object) -> object:
-    if hasattr(value, "model_dump"):
-        return value.model_dump()  # pydantic (reward weights)
-    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,8 +24,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 
-from esper.errors import ConfigurationError
+from esper.contracts.config_model import ConfigModel
 from esper.tamiyo.learning.rollout import (
     RolloutBuffer,
     TrainablePolicy,
@@ -37,31 +38,27 @@ from esper.tamiyo.learning.rollout import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PPOConfig:
-    """PPO hyperparameters (cleanrl names)."""
+class PPOConfig(ConfigModel):
+    """PPO hyperparameters (cleanrl names).
 
-    learning_rate: float = 3e-4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_coef: float = 0.2
+    Raises:
+        ConfigurationError: a field out of its range (every such field is named).
+    """
+
+    learning_rate: float = Field(default=3e-4, gt=0)
+    gamma: float = Field(default=0.99, ge=0, le=1)
+    gae_lambda: float = Field(default=0.95, ge=0, le=1)
+    clip_coef: float = Field(default=0.2, gt=0, lt=1)
     clip_value_loss: bool = False
     ent_coef: float = 0.01
     vf_coef: float = 0.5
-    update_epochs: int = 4
-    minibatch_size: int = 32
-    max_grad_norm: float = 0.5
+    update_epochs: int = Field(default=4, ge=1)
+    minibatch_size: int = Field(default=32, ge=1)
+    max_grad_norm: float = Field(default=0.5, gt=0)
     norm_adv: bool = True
-    target_kl: float | None = None
+    target_kl: float | None = Field(default=None, gt=0)
     seed: int = 0
     """Seed of the minibatch shuffling."""
-
-    def __post_init__(self) -> None:
-        if self.minibatch_size < 1 or self.update_epochs < 1 or not 0 < self.clip_coef < 1:
-            raise ConfigurationError(
-                f"invalid PPO settings: minibatch_size={self.minibatch_size} (>= 1), "
-                f"update_epochs={self.update_epochs} (>= 1), clip_coef={self.clip_coef} (in (0, 1))"
-            )
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from esper.errors import ConfigurationError
 from esper.tolaria.bounded_input import clip, excerpt, load_yaml, read_config_text
 
 MAX_LISTED_PROBLEMS = 10
 """Problems of an invalid config listed in its error (then a count of the others)."""
+
+REDIS_SCHEMES = ("redis://", "rediss://")
+"""Bus URLs a ``growth.controller: service`` run can reach its controller through."""
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
 """A run id (and a run name): a folder name that is not hidden, not ``.``/``..``, not an option
@@ -175,6 +185,13 @@ class GrowthSection(Section):
     shipped with Esper), or the path of a GNN policy saved by ``GNNPolicy.save``."""
     bus: str = "memory://"
     """Where decisions, refusals and rewards are published for observers (``redis://…``)."""
+    controller: Literal["inline", "service"] = "inline"
+    """Who decides. ``inline``: the run's own Tamiyo, synchronously every ``decide_every`` steps
+    (deterministic; a resumed run repeats the uninterrupted one). ``service``: a controller in
+    another process, ``esper tamiyo serve --bus <growth.bus> --run-id <run id>``, deciding from
+    the telemetry the run publishes on ``bus`` (a ``redis://`` URL); its decisions are applied
+    at the step boundary after they arrive (growth then depends on timing; ``policy`` and
+    ``decide_every`` are the service's own). See :mod:`esper.tolaria.service_controller`."""
     decide_every: int = Field(default=50, ge=1)
     """Steps between controller decisions."""
     telemetry_every: int = Field(default=10, ge=1)
@@ -207,6 +224,18 @@ class GrowthSection(Section):
     """Refuse decisions the policy is less sure of."""
     loss_spike_ratio: float = Field(default=1.5, gt=1)
     """Cull a graft whose evaluation-window loss exceeds the pre-graft loss by this factor."""
+
+    @field_validator("controller")
+    @classmethod
+    def _service_needs_redis(cls, value: str, info: ValidationInfo) -> str:
+        bus = info.data.get("bus")
+        if value == "service" and isinstance(bus, str) and not bus.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                f"service needs growth.bus to be a redis:// URL, not {excerpt(bus, limit=40)} "
+                "(its controller, esper tamiyo serve, is another process); e.g. "
+                "growth.bus=redis://127.0.0.1:6379/0"
+            )
+        return value
 
 
 class UrzaSection(Section):

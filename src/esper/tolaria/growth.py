@@ -14,7 +14,10 @@ synchronously at fixed step intervals (no thread), its decisions are handed to t
 directly (and also published on the bus for observers), and the executor grafts each kernel
 exactly ``growth.graft_delay`` steps after its decision, waiting at that boundary only if the
 background compile has not finished by then (counted as ``executor.stall_ms``). The run's growth
-events are then a function of the step alone, which is what makes ``--resume`` exact.
+events are then a function of the step alone, which is what makes ``--resume`` exact. With
+``growth.controller: service`` the decisions come instead from ``esper tamiyo serve`` over the
+bus and are taken in at the step boundary after they arrive (:mod:`esper.tolaria.
+service_controller`); growth then depends on timing.
 
 Compiles run in a Tezzeret worker process started before the data and the model are built
 (``urza.worker: process``, the default: no contention with training for the interpreter lock) or
@@ -37,11 +40,8 @@ import esper.tamiyo
 from esper.blueprints import is_compatible
 from esper.contracts import (
     AdaptationDecision,
-    BlueprintSpec,
     CompileJobStatus,
-    DecisionRefusal,
     HealthSignal,
-    RewardReport,
 )
 from esper.core import MorphableModel
 from esper.core.lockstep import LockstepGrowth
@@ -57,14 +57,18 @@ from esper.tezzeret import TezzeretProcess, find_or_enqueue
 from esper.tolaria.bounded_input import excerpt
 from esper.tolaria.compile_worker import CompileMonitor
 from esper.tolaria.config import GrowthSection, RunConfig
+from esper.tolaria.growth_events import (
+    Event,
+    blueprint_name,
+    decision_event,
+    refusal_event,
+    reward_event,
+)
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
+from esper.tolaria.service_controller import ServiceController, speaks_on_bus
 from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
 
 logger = logging.getLogger(__name__)
-
-Event = dict[str, Any]
-"""A growth event for the metrics log: ``{"type": "decision" | "graft" | …, "step": …, …}``."""
-
 
 PRETRAINED_POLICY = Path(esper.tamiyo.__file__).parent / "pretrained" / "bottleneck_gnn.safetensors"
 """The GNN policy shipped with Esper (``growth.policy: pretrained``)."""
@@ -90,16 +94,6 @@ def load_run_policy(config: RunConfig) -> GrowthPolicy:
             "path of a trained policy file (written by GNNPolicy.save)"
         )
     return load_policy(policy_path(policy), seed=config.run.seed)
-
-
-def blueprint_name(spec: BlueprintSpec | None) -> str | None:
-    """The catalog name of a blueprint (its family if it is not in the catalog)."""
-    if spec is None:
-        return None
-    for option in BLUEPRINT_CATALOG:
-        if option.spec == spec:
-            return option.name
-    return spec.family
 
 
 class GrowthDriver:
@@ -139,6 +133,7 @@ class GrowthDriver:
         self.safety: SafetyGates | None = None
         self.controller: TamiyoController | None = None
         self.executor: GrowthExecutor | None = None
+        self.link: ServiceController | None = None  # growth.controller: service (rank 0)
         self._losses: list[float] = []
         self._decision_seeds: dict[str, int] = {}
         self._queued_jobs: list[str] = []
@@ -208,6 +203,10 @@ class GrowthDriver:
             total_steps=total_steps,
             progress_every_steps=settings.telemetry_every,
         )
+        if settings.controller == "service" and speaks_on_bus():
+            self.link = ServiceController.for_run(
+                settings, model, run_id=self.run_id, bus=self.bus, total_steps=total_steps
+            )
         if settings.precompile:
             self._precompile(model)
 
@@ -295,14 +294,20 @@ class GrowthDriver:
     def observe_telemetry(self, step: int, signals: list[HealthSignal]) -> None:
         """Feed a telemetry flush and the recent mean loss to the controller."""
         assert self.controller is not None and self.executor is not None
-        self.controller.observe_telemetry(signals)
         loss = sum(self._losses) / len(self._losses) if self._losses else None
         self._losses = []
+        if self.link is not None:  # to Tamiyo as a service, over the bus
+            self.link.observe_telemetry(step, signals)
+            self.link.observe_progress(step, loss)
+            return
+        self.controller.observe_telemetry(signals)
         self.controller.observe_progress(step, loss=loss)
 
     def is_decision_step(self, step: int) -> bool:
         """Whether Tamiyo decides at ``step`` (fixed intervals inside the growth window)."""
         settings = self.settings
+        if settings.controller == "service":
+            return True  # decisions are taken in whenever they arrive (the link keeps the window)
         return (
             step >= settings.start_step
             and step % settings.decide_every == 0
@@ -317,26 +322,33 @@ class GrowthDriver:
         """
         assert self.controller is not None and self.executor is not None
         events: list[Event] = []
-        decision = None
+        decisions: list[AdaptationDecision] = []
         if lockstep is None or lockstep.rank == lockstep.src:
-            result = self.controller.decide(step)
-            decision = result.decision
-            if decision is None and result.refusal is not None:
-                events.append(_refusal_event(result.refusal))
+            if self.link is not None:  # what Tamiyo as a service sent since the last step
+                polled = self.link.poll(step)
+                decisions = list(polled.decisions)
+                events += [refusal_event(refusal) for refusal in polled.refusals]
+            else:
+                result = self.controller.decide(step)
+                decisions = [result.decision] if result.decision is not None else []
+                if result.decision is None and result.refusal is not None:
+                    events.append(refusal_event(result.refusal))
         if lockstep is not None:
-            shared = lockstep.broadcast([decision] if decision is not None else [])
-            decision = shared[0] if shared else None
-        if decision is not None:
+            decisions = lockstep.broadcast(decisions)
+        for decision in decisions:
             self.executor.submit(decision)
             self._decision_seeds[decision.decision_id] = decision.seed_idx
-            events.append(_decision_event(decision))
+            received = step if self.settings.controller == "service" else None
+            events.append(decision_event(decision, received_step=received))
         return events
 
     def counters(self) -> dict[str, int]:
         """The controller's and the executor's counters (``executor.stall_ms``: time the loop
         waited at due boundaries for compiles that had not finished)."""
         counts: dict[str, int] = {}
-        if self.controller is not None:
+        if self.link is not None:
+            counts.update({f"controller.{k}": v for k, v in self.link.counters.items()})
+        elif self.controller is not None:
             counts.update({f"controller.{k}": int(v) for k, v in self.controller.counters.items()})
         if self.executor is not None:
             counts.update({f"executor.{k}": int(v) for k, v in self.executor.counters.items()})
@@ -370,7 +382,7 @@ class GrowthDriver:
                 }
             )
         for report in outcome.rewards:
-            events.append(_reward_event(report, outcome.step, self._seed_of(report.decision_id)))
+            events.append(reward_event(report, outcome.step, self._seed_of(report.decision_id)))
             outcome_name = str(report.outcome) if report.outcome is not None else "cull"
             events.append(
                 {
@@ -381,7 +393,7 @@ class GrowthDriver:
                     "decision_id": report.decision_id,
                 }
             )
-        events += [_refusal_event(refusal) for refusal in outcome.refusals]
+        events += [refusal_event(refusal) for refusal in outcome.refusals]
         return events
 
     def _blueprint_of(self, layer: str, seed: int) -> str | None:
@@ -399,11 +411,13 @@ class GrowthDriver:
     def state_dict(self) -> dict[str, Any]:
         """Controller (with safety gates and policy) and executor state, plain JSON."""
         assert self.controller is not None and self.executor is not None
+        link = {"link": self.link.state_dict()} if self.link is not None else {}
         return {
             "controller": self.controller.state_dict(),
             "executor": self.executor.state_dict(),
             "losses": list(self._losses),
             "decision_seeds": dict(self._decision_seeds),
+            **link,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -413,56 +427,20 @@ class GrowthDriver:
         self.executor.load_state_dict(state["executor"])
         self._losses = [float(x) for x in state["losses"]]
         self._decision_seeds = {str(k): int(v) for k, v in state["decision_seeds"].items()}
+        if self.link is not None and "link" in state:
+            self.link.load_state_dict(state["link"])
 
     def close(self) -> None:
         """Stop the executor's threads (and the Tezzeret worker), close the bus and the library."""
         if self.executor is not None:
             self.executor.close()
+        if self.link is not None:
+            self.link.close()
         if self.worker_process is not None:
             self.worker_process.stop()
         self.monitor.stop()
         self.bus.close()
         self.library.close()
-
-
-def _decision_event(decision: AdaptationDecision) -> Event:
-    return {
-        "type": "decision",
-        "step": decision.step,
-        "action": str(decision.action),
-        "layer": decision.layer_name,
-        "seed": decision.seed_idx,
-        "blueprint": blueprint_name(decision.blueprint),
-        "policy": decision.policy,
-        "confidence": decision.confidence,
-        "uncertainty": decision.uncertainty,
-        "decision_id": decision.decision_id,
-    }
-
-
-def _refusal_event(refusal: DecisionRefusal) -> Event:
-    return {
-        "type": "refusal",
-        "step": refusal.step,
-        "action": str(refusal.action),
-        "layer": refusal.layer_name,
-        "gate": refusal.gate,
-        "reason": refusal.reason,
-        "policy": refusal.policy,
-    }
-
-
-def _reward_event(report: RewardReport, step: int, seed: int | None) -> Event:
-    return {
-        "type": "reward",
-        "step": step,
-        "layer": report.layer_name,
-        "seed": seed,
-        "decision_id": report.decision_id,
-        "total": report.total,
-        "components": report.components,
-        "outcome": str(report.outcome) if report.outcome is not None else None,
-    }
 
 
 def build_growth(
@@ -480,7 +458,7 @@ def build_growth(
     else:
         folder = config.urza.dir or Path(config.run.dir) / "urza"
         library = open_library(run_dir=folder)
-    bus = open_bus(config.growth.bus)
+    bus = open_bus(config.growth.bus if speaks_on_bus() else "memory://")
     return GrowthDriver(
         config,
         run_id=run_id,

@@ -242,13 +242,14 @@ class ServiceController:
     def counters(self) -> dict[str, int]:
         """``received``, ``decisions`` (handed over), ``held`` (arrived before the window),
         ``refused_late``, ``duplicates``, ``other_run``, ``undecodable``, ``topology_published``;
-        ``telemetry_published`` / ``telemetry_dropped`` (this process), ``bus_errors`` (reads
-        that failed and were retried) and ``latency_ms_p50`` / ``latency_ms_p99`` (telemetry
-        published to decision taken in, this process)."""
+        in this process: ``published`` / ``dropped`` (health batches, topologies and refusals
+        the bus took, or that were dropped while it was down), ``bus_errors`` (reads that failed
+        and were retried) and ``latency_ms_p50`` / ``latency_ms_p99`` (telemetry published to
+        decision taken in)."""
         counts = dict(self._counts)
         published = self.sink.counters
-        counts["telemetry_published"] = published.published
-        counts["telemetry_dropped"] = published.dropped
+        counts["published"] = published.published
+        counts["dropped"] = published.dropped
         counts["bus_errors"] = self._inbox.errors
         latencies = sorted(self.latencies_s)
         if latencies:

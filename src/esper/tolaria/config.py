@@ -176,7 +176,8 @@ class GrowthSection(Section):
     background compile has not finished by then), so growth events — and resumed runs — are
     deterministic in step. Every compatible catalog blueprint is precompiled for every seeded
     layer before training starts (``precompile``, ``warm_start``), so germinations find their
-    kernels compiled.
+    kernels compiled. (With ``controller: service`` decisions come from another process instead,
+    when they arrive.)
     """
 
     enabled: bool = True

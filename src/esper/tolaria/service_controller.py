@@ -24,7 +24,8 @@ What it promises the training loop:
   checkpoint was written, or the run would have stopped), so the decisions taken after the latest
   checkpoint stay pending in the run's consumer group (``tolaria-<run id>``). A run resumed from
   that checkpoint reclaims them and applies them again, while the ids its checkpoint holds filter
-  out the rest: nothing lost, nothing applied twice.
+  out the rest: nothing lost, nothing applied twice. (A new run that reclaims pending decisions
+  did not resume: they belong to an earlier run under the same id, and are dropped.)
 * **The run's growth window.** A decision arriving before ``growth.start_step`` waits until then;
   one arriving after ``growth.stop_fraction`` of the run is refused (gate ``growth_window``) and
   the refusal is published, so the controller releases what it reserved for it.
@@ -125,6 +126,7 @@ class ServiceController:
         self.latencies_s: deque[float] = deque(maxlen=4096)
         """Seconds from publishing a telemetry flush to taking in a decision based on it."""
         self._topology_at: float | None = None
+        self._restored = False
         self._publish_topology(time.monotonic())
 
     @classmethod
@@ -183,6 +185,8 @@ class ServiceController:
                 self._counts["other_run"] += 1
             elif decision.decision_id in self._taken:
                 self._counts["duplicates"] += 1
+            elif delivery.delivery_count > 1 and not self._restored:
+                self._counts["stale"] += 1  # left pending by an earlier run under this run id
             else:
                 self._take(decision, step, now)
                 self._unacknowledged.append(delivery)
@@ -241,7 +245,9 @@ class ServiceController:
     @property
     def counters(self) -> dict[str, int]:
         """``received``, ``decisions`` (handed over), ``held`` (arrived before the window),
-        ``refused_late``, ``duplicates``, ``other_run``, ``undecodable``, ``topology_published``;
+        ``refused_late``, ``duplicates``, ``other_run``, ``undecodable``, ``stale`` (left pending
+        by an earlier run under this run id, dropped by a run that did not resume),
+        ``topology_published``;
         in this process: ``published`` / ``dropped`` (health batches, topologies and refusals
         the bus took, or that were dropped while it was down), ``bus_errors`` (reads that failed
         and were retried) and ``latency_ms_p50`` / ``latency_ms_p99`` (telemetry published to
@@ -280,6 +286,7 @@ class ServiceController:
         self._taken = OrderedDict((str(k), int(v)) for k, v in state["taken"])
         self._held = [AdaptationDecision.model_validate(d) for d in state["held"]]
         self._counts = Counter({str(k): int(v) for k, v in state["counters"].items()})
+        self._restored = True
 
     def close(self) -> None:
         """Send the queued telemetry and stop the background threads (the bus stays open).

@@ -233,6 +233,19 @@ def test_a_resumed_link_gets_back_the_decisions_its_checkpoint_does_not_hold(
     assert _pending(bus) == len(expected)  # the duplicates were acknowledged
 
 
+def test_a_new_run_under_an_old_run_id_drops_the_decisions_that_run_left_pending() -> None:
+    bus = InProcessBus()
+    _three_decisions_two_checkpoints(bus)  # d2 and d3 pending
+    fresh = _link(bus)  # not resumed: no load_state_dict
+    late = _decision(9)
+    bus.publish(Topic.CONTROL_KASMINA_COMMANDS, late)
+    results = _until(lambda: fresh.poll(9), lambda r: bool(_decisions(r)))
+    assert _decisions(results) == [late]
+    assert fresh.counters["stale"] == 2 and fresh.counters["received"] == 1
+    fresh.close()
+    assert _pending(bus) == 1  # only the new run's own decision
+
+
 def test_decisions_held_for_the_window_are_kept_by_the_checkpoint() -> None:
     bus = InProcessBus()
     link = _link(bus, start_step=100)

@@ -42,7 +42,7 @@ from esper.contracts import (
     Topic,
 )
 from esper.oona import Delivery, MessageBus, open_bus
-from esper.tamiyo.controller import model_topology
+from esper.tamiyo import model_topology
 from esper.tolaria.metrics import read_metrics
 from esper.tolaria.service_controller import ServiceController
 

@@ -19,23 +19,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from esper.errors import ConfigurationError
 from esper.tolaria.bounded_input import clip, excerpt, load_yaml, read_config_text
 
 MAX_LISTED_PROBLEMS = 10
 """Problems of an invalid config listed in its error (then a count of the others)."""
-
-REDIS_SCHEMES = ("redis://", "rediss://")
-"""Bus URLs a ``growth.controller: service`` run can reach its controller through."""
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
 """A run id (and a run name): a folder name that is not hidden, not ``.``/``..``, not an option
@@ -176,8 +166,7 @@ class GrowthSection(Section):
     background compile has not finished by then), so growth events — and resumed runs — are
     deterministic in step. Every compatible catalog blueprint is precompiled for every seeded
     layer before training starts (``precompile``, ``warm_start``), so germinations find their
-    kernels compiled. (With ``controller: service`` decisions come from another process instead,
-    when they arrive.)
+    kernels compiled.
     """
 
     enabled: bool = True
@@ -193,6 +182,23 @@ class GrowthSection(Section):
     the telemetry the run publishes on ``bus`` (a ``redis://`` URL); its decisions are applied
     at the step boundary after they arrive (growth then depends on timing; ``policy`` and
     ``decide_every`` are the service's own). See :mod:`esper.tolaria.service_controller`."""
+
+    @field_validator("controller")
+    @classmethod
+    def _service_needs_redis(cls, value: str, info: ValidationInfo) -> str:
+        bus = info.data.get("bus")
+        if (
+            value == "service"
+            and isinstance(bus, str)
+            and not bus.startswith(("redis://", "rediss://"))
+        ):
+            raise ValueError(
+                f"service needs growth.bus to be a redis:// URL, not {excerpt(bus, limit=40)} "
+                "(its controller, esper tamiyo serve, is another process); e.g. "
+                "growth.bus=redis://127.0.0.1:6379/0"
+            )
+        return value
+
     decide_every: int = Field(default=50, ge=1)
     """Steps between controller decisions."""
     telemetry_every: int = Field(default=10, ge=1)
@@ -225,18 +231,6 @@ class GrowthSection(Section):
     """Refuse decisions the policy is less sure of."""
     loss_spike_ratio: float = Field(default=1.5, gt=1)
     """Cull a graft whose evaluation-window loss exceeds the pre-graft loss by this factor."""
-
-    @field_validator("controller")
-    @classmethod
-    def _service_needs_redis(cls, value: str, info: ValidationInfo) -> str:
-        bus = info.data.get("bus")
-        if value == "service" and isinstance(bus, str) and not bus.startswith(REDIS_SCHEMES):
-            raise ValueError(
-                f"service needs growth.bus to be a redis:// URL, not {excerpt(bus, limit=40)} "
-                "(its controller, esper tamiyo serve, is another process); e.g. "
-                "growth.bus=redis://127.0.0.1:6379/0"
-            )
-        return value
 
 
 class UrzaSection(Section):

@@ -56,7 +56,7 @@ from esper.contracts import (
 from esper.core import MorphableModel
 from esper.errors import ConfigurationError
 from esper.oona import BackgroundSubscriber, Delivery, MessageBus, OonaTelemetrySink, open_bus
-from esper.tamiyo.controller import model_topology
+from esper.tamiyo import model_topology
 from esper.tolaria.config import GrowthSection
 from esper.tolaria.controller_link import LinkResult
 from esper.tolaria.decision_limits import training_refusal

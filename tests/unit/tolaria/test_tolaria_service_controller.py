@@ -28,7 +28,7 @@ from esper.contracts import (
 )
 from esper.errors import ConfigurationError
 from esper.oona import InProcessBus, MessageBus
-from esper.tamiyo.controller import model_topology
+from esper.tamiyo import model_topology
 from esper.tolaria.config import load_config
 from esper.tolaria.controller_link import LinkResult
 from esper.tolaria.service_controller import GATE_GROWTH_WINDOW, ServiceController, speaks_on_bus

@@ -409,7 +409,7 @@ def test_training_goes_on_when_the_controller_dies_and_decisions_resume_with_a_n
 ) -> None:
     observer = CommandsObserver(bus_url)
     first = _serve(bus_url, "service-restart", tmp_path, "--policy", "round_robin")
-    run = _train(bus_url, "service-restart", tmp_path, "train.epochs=60", "growth.max_seeds=4")
+    run = _train(bus_url, "service-restart", tmp_path, "train.epochs=60")
     second: Process | None = None
     try:
         observer.wait_for(lambda seen: len(seen) >= 1)

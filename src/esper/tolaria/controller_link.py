@@ -5,10 +5,11 @@ reports what happened (telemetry, progress, the outcome of each decision) and as
 step, which decisions to apply now. :class:`~esper.tolaria.growth.GrowthDriver` holds one link;
 under DDP only rank 0 polls it and the lockstep broadcasts its decisions to every rank.
 
-The default link is the run's own :class:`~esper.tamiyo.controller.TamiyoController`, in process,
-deciding synchronously at fixed steps, which is what makes growth a function of the step (see
-:mod:`esper.tolaria.growth`). :class:`~esper.tolaria.service_controller.ServiceController` is the
-link to a controller in another process, over the bus.
+:class:`InlineController` is the default link: the run's own
+:class:`~esper.tamiyo.controller.TamiyoController`, in process, deciding synchronously at fixed
+steps (:class:`DecisionSchedule`), which is what makes growth a function of the step (see
+:mod:`esper.tolaria.growth`). A service link (a controller in another process, over the bus)
+implements the same protocol.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from esper.contracts import AdaptationDecision, DecisionRefusal, HealthSignal, RewardReport
+from esper.core import MorphableModel
+from esper.oona import MessageBus
+from esper.tamiyo.controller import TamiyoController
+from esper.tamiyo.health import HealthCollector
+from esper.tamiyo.observation import GrowthPolicy
+from esper.tamiyo.safety import SafetyGates
+from esper.tolaria.config import GrowthSection
 
 
 @dataclass(frozen=True)
@@ -69,3 +77,96 @@ class ControllerLink(Protocol):
     def close(self) -> None:
         """Stop whatever the link runs in the background."""
         ...
+
+
+@dataclass(frozen=True)
+class DecisionSchedule:
+    """The steps an inline controller decides at: every ``every`` steps from ``start_step``, up
+    to ``until`` (``growth.stop_fraction`` of the run's steps)."""
+
+    start_step: int
+    every: int
+    until: float
+
+    @classmethod
+    def for_run(cls, settings: GrowthSection, total_steps: int) -> DecisionSchedule:
+        """The schedule of a run's ``growth`` section over ``total_steps`` steps."""
+        return cls(
+            start_step=settings.start_step,
+            every=settings.decide_every,
+            until=settings.stop_fraction * total_steps,
+        )
+
+    def is_decision_step(self, step: int) -> bool:
+        """Whether the controller decides at ``step``."""
+        return step >= self.start_step and step % self.every == 0 and step <= self.until
+
+
+class InlineController:
+    """The run's own Tamiyo controller, deciding synchronously at the steps of a schedule.
+
+    Args:
+        controller: the controller (fed directly; nothing runs in the background).
+        schedule: the steps it decides at.
+    """
+
+    def __init__(self, controller: TamiyoController, schedule: DecisionSchedule) -> None:
+        self.controller = controller
+        self.schedule = schedule
+
+    @classmethod
+    def for_run(
+        cls,
+        settings: GrowthSection,
+        *,
+        model: MorphableModel,
+        policy: GrowthPolicy,
+        safety: SafetyGates,
+        run_id: str,
+        bus: MessageBus,
+        total_steps: int,
+    ) -> InlineController:
+        """The inline controller of a run: ``policy`` behind ``safety``, deciding on ``model``
+        (its decisions and refusals are also published on ``bus`` for observers)."""
+        controller = TamiyoController(
+            bus,
+            policy,
+            run_id=run_id,
+            safety=safety,
+            model=model,
+            collector=HealthCollector(None, run_id=run_id),
+            total_steps=total_steps,
+        )
+        return cls(controller, DecisionSchedule.for_run(settings, total_steps))
+
+    def observe_telemetry(self, step: int, signals: list[HealthSignal]) -> None:
+        """Feed a telemetry flush to the controller's health collector."""
+        self.controller.observe_telemetry(signals)
+
+    def observe_progress(self, step: int, loss: float | None) -> None:
+        """Tell the controller the run's step and recent loss."""
+        self.controller.observe_progress(step, loss=loss)
+
+    def observe_outcome(self, outcome: RewardReport | DecisionRefusal) -> None:
+        """A reward or refusal (a culled graft starts its layer's long cooldown)."""
+        self.controller.observe(outcome)
+
+    def poll(self, step: int) -> LinkResult:
+        """At a decision step, one synchronous decision; otherwise nothing."""
+        if not self.schedule.is_decision_step(step):
+            return LinkResult()
+        result = self.controller.decide(step)
+        if result.decision is not None:
+            return LinkResult(decisions=(result.decision,))
+        return LinkResult(refusals=(result.refusal,) if result.refusal is not None else ())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state (safety gates, health, policy, counters)."""
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.controller.load_state_dict(state)
+
+    def close(self) -> None:
+        """Nothing to stop: the inline controller runs only when called."""

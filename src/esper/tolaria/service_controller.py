@@ -70,6 +70,8 @@ _REMEMBERED_DECISIONS = 100_000
 """Decision ids kept to drop duplicates (the executor keeps as many)."""
 _REMEMBERED_FLUSHES = 1024
 """Telemetry flushes whose publish time is kept, to measure decision latency."""
+_PROCESS_COUNTERS = ("published", "dropped", "bus_errors", "latency_ms_p50", "latency_ms_p99")
+"""Counters of this process only: reported, but not restored from a checkpoint."""
 
 
 class ServiceController:
@@ -277,7 +279,7 @@ class ServiceController:
             "run_id": self.run_id,
             "taken": [[decision_id, step] for decision_id, step in self._taken.items()],
             "held": [decision.model_dump(mode="json") for decision in self._held],
-            "counters": dict(self._counts),
+            "counters": self.counters,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -285,7 +287,9 @@ class ServiceController:
         the checkpoint holds are dropped when the bus delivers them again."""
         self._taken = OrderedDict((str(k), int(v)) for k, v in state["taken"])
         self._held = [AdaptationDecision.model_validate(d) for d in state["held"]]
-        self._counts = Counter({str(k): int(v) for k, v in state["counters"].items()})
+        self._counts = Counter(
+            {str(k): int(v) for k, v in state["counters"].items() if k not in _PROCESS_COUNTERS}
+        )
         self._restored = True
 
     def close(self) -> None:

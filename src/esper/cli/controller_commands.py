@@ -73,6 +73,7 @@ def _tamiyo_serve(args: argparse.Namespace) -> int:
         decide_every_steps=args.decide_every,
         cycle_s=args.cycle_ms / 1e3,
         explore=args.explore,
+        group=f"tamiyo-{args.run_id}",  # one run's messages are never another controller's
     )
 
     def interrupt(signum: int, frame: object) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from esper.contracts.safety import (
     AdaptationCount,
@@ -191,6 +191,30 @@ class GrowthSection(Section):
     shipped with Esper), or the path of a GNN policy saved by ``GNNPolicy.save``."""
     bus: str = "memory://"
     """Where decisions, refusals and rewards are published for observers (``redis://…``)."""
+    controller: Literal["inline", "service"] = "inline"
+    """Who decides. ``inline``: the run's own Tamiyo, synchronously every ``decide_every`` steps
+    (deterministic; a resumed run repeats the uninterrupted one). ``service``: a controller in
+    another process, ``esper tamiyo serve --bus <growth.bus> --run-id <run id>``, deciding from
+    the telemetry the run publishes on ``bus`` (a ``redis://`` URL); its decisions are applied
+    at the step boundary after they arrive (growth then depends on timing; ``policy`` and
+    ``decide_every`` are the service's own). See :mod:`esper.tolaria.service_controller`."""
+
+    @field_validator("controller")
+    @classmethod
+    def _service_needs_redis(cls, value: str, info: ValidationInfo) -> str:
+        bus = info.data.get("bus")
+        if (
+            value == "service"
+            and isinstance(bus, str)
+            and not bus.startswith(("redis://", "rediss://"))
+        ):
+            raise ValueError(
+                f"service needs growth.bus to be a redis:// URL, not {excerpt(bus, limit=40)} "
+                "(its controller, esper tamiyo serve, is another process); e.g. "
+                "growth.bus=redis://127.0.0.1:6379/0"
+            )
+        return value
+
     decide_every: int = Field(default=50, ge=1)
     """Steps between controller decisions."""
     telemetry_every: int = Field(default=10, ge=1)

@@ -46,9 +46,15 @@ class ControllerLink(Protocol):
     The run loop calls, at every step boundary: :meth:`observe_outcome` for each reward and
     refusal of the step, then (every ``growth.telemetry_every`` steps) :meth:`observe_telemetry`
     and :meth:`observe_progress`, then :meth:`poll`. A link never blocks the loop for long.
-    ``state_dict()`` goes into every checkpoint; its ``"counters"`` entry, if any, is reported
-    in ``run.json`` as ``controller.<name>``.
+    ``state_dict()`` goes into every checkpoint; :attr:`counters` are reported in ``run.json``
+    as ``controller.<name>`` (reading them has no side effect, unlike a link's ``state_dict``,
+    which may acknowledge what the previous checkpoint holds).
     """
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """What the link counted so far, by name."""
+        ...
 
     def observe_telemetry(self, step: int, signals: list[HealthSignal]) -> None:
         """One telemetry flush of the model's health signals, taken at ``step``."""
@@ -159,6 +165,11 @@ class InlineController:
         if result.decision is not None:
             return LinkResult(decisions=(result.decision,))
         return LinkResult(refusals=(result.refusal,) if result.refusal is not None else ())
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The controller's counters (decisions, refusals by gate, ...)."""
+        return {name: int(count) for name, count in self.controller.counters.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The controller's state (safety gates, health, policy, counters)."""

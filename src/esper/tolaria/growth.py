@@ -30,7 +30,9 @@ trainer and the checkpoints rely on it):
 
 A run resumed from a checkpoint therefore repeats the uninterrupted run bit for bit (weights,
 optimizer state, decisions, metrics except timings). ``growth.graft_delay: null`` (graft as soon
-as loaded) gives that up; so does a controller in another process.
+as loaded) gives that up; so does ``growth.controller: service``, where decisions come from
+``esper tamiyo serve`` over the bus and are taken in at the step boundary after they arrive
+(:mod:`esper.tolaria.service_controller`).
 
 Compiles run in the run's compile worker (:mod:`esper.tolaria.compile_worker`). Every compatible
 catalog blueprint is queued for every seeded layer when the driver is built
@@ -64,6 +66,7 @@ from esper.tolaria.growth_events import (
 )
 from esper.tolaria.growth_executor import GrowthExecutor, StepOutcome
 from esper.tolaria.growth_services import GrowthServices
+from esper.tolaria.service_controller import ServiceController, speaks_on_bus
 from esper.tolaria.warm_up import queue_catalog_compiles, wait_for_compiles
 
 PRETRAINED_POLICY = Path(esper.tamiyo.__file__).parent / "pretrained" / "bottleneck_gnn.safetensors"
@@ -158,15 +161,21 @@ class GrowthDriver:
                 loss_spike_tolerance=settings.loss_spike_tolerance,
             )
         )
-        controller = InlineController.for_run(
-            settings,
-            model=model,
-            policy=policy,
-            safety=safety,
-            run_id=run_id,
-            bus=services.bus,
-            total_steps=total_steps,
-        )
+        controller: ControllerLink
+        if settings.controller == "service" and speaks_on_bus():  # rank 0 of a service run
+            controller = ServiceController.for_run(
+                settings, model, run_id=run_id, bus=services.bus, total_steps=total_steps
+            )
+        else:  # inline; or a rank other than 0, fed but never polled
+            controller = InlineController.for_run(
+                settings,
+                model=model,
+                policy=policy,
+                safety=safety,
+                run_id=run_id,
+                bus=services.bus,
+                total_steps=total_steps,
+            )
         executor = GrowthExecutor(
             model,
             run_id=run_id,
@@ -234,8 +243,13 @@ class GrowthDriver:
         for decision in replica.share_decisions(result.decisions):
             self.executor.submit(decision)
             self._decision_seeds[decision.decision_id] = decision.seed_idx
-            events.append(decision_event(decision))
+            events.append(decision_event(decision, received_step=self._received_step(step)))
         return events
+
+    def _received_step(self, step: int) -> int | None:
+        """Where a decision was taken in, recorded when it came from a controller elsewhere
+        (its own ``step`` is that of the telemetry it was based on)."""
+        return step if isinstance(self.controller, ServiceController) else None
 
     def _outcome_events(self, outcome: StepOutcome) -> list[Event]:
         events = [
@@ -250,8 +264,7 @@ class GrowthDriver:
     def counters(self) -> dict[str, int]:
         """The controller's and the executor's counters (``executor.stall_ms``: time the loop
         waited at due boundaries for compiles that had not finished)."""
-        controller = self.controller.state_dict().get("counters", {})
-        counts = {f"controller.{k}": int(v) for k, v in controller.items()}
+        counts = {f"controller.{k}": int(v) for k, v in self.controller.counters.items()}
         counts.update({f"executor.{k}": int(v) for k, v in self.executor.counters.items()})
         return counts
 
@@ -273,7 +286,10 @@ class GrowthDriver:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (after the model's state was loaded)."""
-        self.controller.load_state_dict(state["controller"])
+        if self.settings.controller == "inline" or isinstance(self.controller, ServiceController):
+            self.controller.load_state_dict(state["controller"])
+        # else: a rank other than 0 of a service run, whose inline link is never polled; the
+        # checkpoint holds rank 0's service link
         self.executor.load_state_dict(state["executor"])
         self._losses = [float(x) for x in state["losses"]]
         self._decision_seeds = {str(k): int(v) for k, v in state["decision_seeds"].items()}

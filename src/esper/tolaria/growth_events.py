@@ -29,9 +29,10 @@ def blueprint_name(spec: BlueprintSpec | None) -> str | None:
     return spec.family
 
 
-def decision_event(decision: AdaptationDecision) -> Event:
-    """A decision the run will apply."""
-    return {
+def decision_event(decision: AdaptationDecision, *, received_step: int | None = None) -> Event:
+    """A decision the run applies; ``received_step``: where it was taken in, when that is not its
+    own ``step`` (a decision from Tamiyo as a service is based on earlier telemetry)."""
+    event: Event = {
         "type": "decision",
         "step": decision.step,
         "action": str(decision.action),
@@ -43,6 +44,9 @@ def decision_event(decision: AdaptationDecision) -> Event:
         "uncertainty": decision.uncertainty,
         "decision_id": decision.decision_id,
     }
+    if received_step is not None:
+        event["received_step"] = received_step
+    return event
 
 
 def refusal_event(refusal: DecisionRefusal) -> Event:

@@ -22,6 +22,7 @@ from esper.oona import MessageBus, open_bus
 from esper.tolaria.compile_monitor import CompileMonitor
 from esper.tolaria.compile_worker import CompileWorker
 from esper.tolaria.config import RunConfig
+from esper.tolaria.service_controller import speaks_on_bus
 from esper.urza import ArtifactLibrary, UrzaArtifactSource, open_library
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class GrowthServices:
             folder = config.urza.dir or Path(config.run.dir) / "urza"
             library = open_library(run_dir=folder)
             location = ["--run-dir", str(folder)]
-        bus = open_bus(config.growth.bus)
+        # ranks other than 0 keep off a shared bus: rank 0's messages are the run's
+        bus = open_bus(config.growth.bus if speaks_on_bus() else "memory://")
         try:
             worker = CompileWorker.start(
                 config.urza.worker,

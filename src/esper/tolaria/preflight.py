@@ -4,7 +4,8 @@
 embedded library's folder) can be written, loads the dataset, builds the host once to check it
 and the seeded layers, and for ``--resume`` validates and loads the checkpoint to continue from
 (falling back past damaged ones). A bad value therefore fails with one clear error and no run
-folder, library folder or worker process is left behind.
+folder, library folder or worker process is left behind. A ``growth.controller: service`` run's
+bus must answer too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from esper.tolaria.config import RunConfig
 from esper.tolaria.growth import load_run_policy
 from esper.tolaria.resume import ResumePlan
 from esper.tolaria.run_folder import check_writable_folder
+from esper.tolaria.service_controller import check_controller_bus
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ def prepare_run(config: RunConfig, *, resume: ResumePlan | None = None) -> Prepa
             ``--epoch`` asks for is).
     """
     policy = load_run_policy(config) if config.growth.enabled else None
+    if config.growth.enabled and config.growth.controller == "service":
+        check_controller_bus(config.growth.bus)  # its Redis answers
     if resume is None:
         check_writable_folder(config.run.dir, setting="run.dir")
     if config.growth.enabled and config.urza.url is None:

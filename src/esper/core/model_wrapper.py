@@ -43,6 +43,7 @@ from esper.execution.arguments import (
 from esper.execution.artifact_sources import ArtifactSource
 from esper.execution.fast_paths import has_hooks
 from esper.execution.seed_checkpoint import check_layer_slice
+from esper.operators.widen_api import WidenOperations
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class TelemetrySink(Protocol):
         ...
 
 
-class MorphableModel(nn.Module):
+class MorphableModel(WidenOperations, nn.Module):
     """A model whose targeted layers carry seeds; built by :func:`wrap`.
 
     Calling it runs the wrapped model unchanged (``forward`` is bound to the wrapped model's
@@ -240,6 +241,7 @@ class MorphableModel(nn.Module):
         for layer in self._unique_layers():
             allowed = None if graftable is None else graftable.get(layer.layer_name, ())
             layer.advance(self._step, graftable=allowed)
+        self.widenings.advance()
         return self._step
 
     def pending_loads(self) -> list[tuple[str, int, bool]]:

@@ -29,7 +29,16 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"contracts", "errors", "tasks"},
     "tezzeret": {"contracts", "errors", "blueprints", "urza", "oona", "tezzeret"},
 }
-_BELOW_TAMIYO = {"contracts", "errors", "blueprints", "execution", "operators", "core", "urza", "oona"}
+_BELOW_TAMIYO = {
+    "contracts",
+    "errors",
+    "blueprints",
+    "execution",
+    "operators",
+    "core",
+    "urza",
+    "oona",
+}
 ALLOWED["tamiyo"] = _BELOW_TAMIYO | {"tezzeret", "tasks", "tamiyo"}
 ALLOWED["tolaria"] = ALLOWED["tamiyo"] | {"tolaria"}
 UNRESTRICTED = {"cli", "__init__"}

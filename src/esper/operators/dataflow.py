@@ -80,7 +80,6 @@ ELEMENTWISE_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
 ELEMENTWISE_METHODS = frozenset({"relu", "tanh", "sigmoid"})
 
 
-
 @dataclass(frozen=True)
 class WidenPath:
     """What widening one layer touches, by dotted module name in the host.

@@ -143,8 +143,10 @@ def build_widen(
         raise ConfigurationError(f"unknown widen init {init!r}; choose one of {list(WIDEN_INITS)}")
     if not isinstance(blend_steps, int) or isinstance(blend_steps, bool) or blend_steps < 0:
         raise ConfigurationError(f"blend_steps must be an int >= 0, got {blend_steps!r}")
-    path = find_widen_path(root, layer_name)
     modules = dict(root.named_modules())
+    if layer_name in modules:
+        _check_not_in_progress(layer_name, layer_name, modules[layer_name])
+    path = find_widen_path(root, layer_name)
     names = [n for n in (path.producer, path.norm, path.consumer) if n is not None]
     for name in names:
         _check_dormant(layer_name, name, modules[name])
@@ -248,6 +250,10 @@ def _check_dormant(layer_name: str, name: str, module: nn.Module) -> None:
             f"cannot widen {layer_name!r}: {name!r} has grafted kernels (seeds: {states}); widen "
             "it while its seeds are dormant, or cull or unwrap the kernels first"
         )
+    _check_not_in_progress(layer_name, name, module)
+
+
+def _check_not_in_progress(layer_name: str, name: str, module: nn.Module) -> None:
     if type(host_module(module)).__module__.startswith("esper.operators"):
         raise ConfigurationError(
             f"cannot widen {layer_name!r}: {name!r} is part of a widen still in progress; "

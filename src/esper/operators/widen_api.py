@@ -26,16 +26,24 @@ class WidenOperations(nn.Module):
         self.register_state_dict_post_hook(_add_record)
         self.register_load_state_dict_pre_hook(_replay_record)
 
+    def kernel_grafted(self, layer_name: str, seed_idx: int, module: nn.Module) -> None:
+        """New parameters joined the model (the model fans this out to its listeners)."""
+        raise NotImplementedError
+
+    def kernel_removed(self, layer_name: str, seed_idx: int, module: nn.Module) -> None:
+        """Parameters left the model (the model fans this out to its listeners)."""
+        raise NotImplementedError
+
     @property
     def widenings(self) -> Widenings:
         """This model's widens (created on first use)."""
         found = self.__dict__.get("_widenings")
         if found is None:
             found = Widenings(
-                self.model,  # type: ignore[arg-type]
-                self._optimizers,  # type: ignore[attr-defined]
-                self.kernel_grafted,  # type: ignore[attr-defined]
-                self.kernel_removed,  # type: ignore[attr-defined]
+                self.__dict__["_modules"]["model"],
+                self.__dict__["_optimizers"],
+                self.kernel_grafted,
+                self.kernel_removed,
             )
             self.__dict__["_widenings"] = found
         return found

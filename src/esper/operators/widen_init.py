@@ -52,7 +52,7 @@ class GradMaxBatch:
 
 def random_units(producer: nn.Module, consumer: nn.Module, k: int) -> NewUnits:
     """Fan-in as a fresh layer of the producer's class would get it; zero fan-out."""
-    like = producer.weight
+    like = weight_of(producer)
     with torch.no_grad():
         if isinstance(producer, nn.Linear):
             fresh: nn.Module = nn.Linear(producer.in_features, k, bias=producer.bias is not None)
@@ -65,14 +65,14 @@ def random_units(producer: nn.Module, consumer: nn.Module, k: int) -> NewUnits:
                 bias=producer.bias is not None,
             )
         fresh = fresh.to(dtype=like.dtype, device=like.device)
-        bias = fresh.bias.detach().clone() if fresh.bias is not None else None
-        return NewUnits(fresh.weight.detach().clone(), bias, _zero_fan_out(consumer, k))
+        bias = fresh.bias.detach().clone() if isinstance(fresh.bias, torch.Tensor) else None
+        return NewUnits(weight_of(fresh).detach().clone(), bias, _zero_fan_out(consumer, k))
 
 
 def zero_units(producer: nn.Module, consumer: nn.Module, k: int) -> NewUnits:
     """All-zero new units (a widen replayed from a checkpoint, whose tensors then load)."""
-    weight = producer.weight
-    fan_in = torch.zeros((k, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+    weight = weight_of(producer)
+    fan_in = weight.new_zeros((k, *weight.shape[1:]))
     bias = fan_in.new_zeros(k) if producer.bias is not None else None
     return NewUnits(fan_in, bias, _zero_fan_out(consumer, k))
 
@@ -97,7 +97,9 @@ def gradmax_units(
     fan_out = (fan_out * column_norm).to(consumer.weight.dtype)
     like = producer.weight
     fan_in = torch.zeros(k, producer.in_features, dtype=like.dtype, device=like.device)
-    bias = torch.zeros(k, dtype=like.dtype, device=like.device) if producer.bias is not None else None
+    bias = (
+        torch.zeros(k, dtype=like.dtype, device=like.device) if producer.bias is not None else None
+    )
     return NewUnits(fan_in, bias, fan_out)
 
 
@@ -160,7 +162,13 @@ def _check_gradmax_applies(path: WidenPath, producer: nn.Module, consumer: nn.Mo
         )
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, typed."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def _zero_fan_out(consumer: nn.Module, k: int) -> torch.Tensor:
-    weight = consumer.weight
-    shape = (weight.shape[0], k, *weight.shape[2:])
-    return torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+    weight = weight_of(consumer)
+    return weight.new_zeros((weight.shape[0], k, *weight.shape[2:]))

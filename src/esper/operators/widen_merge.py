@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from esper.operators.optimizer_surgery import StatePiece
+from esper.operators.widen_init import weight_of
 from esper.operators.widen_modules import (
     WidenedBatchNorm,
     WidenedConsumer,
@@ -57,8 +58,7 @@ def merge_widened(wrapper: nn.Module) -> MergedModule:
 
 def _merge_producer(wrapper: WidenedProducer) -> MergedModule:
     host = wrapper.host
-    n = host.weight.shape[0]
-    total = n + wrapper.weight.shape[0]
+    total = weight_of(host).shape[0] + wrapper.weight.shape[0]
     options = {"device": "meta", "bias": host.bias is not None}
     if isinstance(host, nn.Linear):
         plain: nn.Module = nn.Linear(host.in_features, total, **options)  # type: ignore[arg-type]
@@ -121,8 +121,7 @@ def _merge_layer_norm(wrapper: WidenedLayerNorm) -> MergedModule:
 
 def _merge_consumer(wrapper: WidenedConsumer) -> MergedModule:
     host = wrapper.host
-    n = host.weight.shape[1]
-    total = n + wrapper.weight.shape[1]
+    total = weight_of(host).shape[1] + wrapper.weight.shape[1]
     options = {"device": "meta", "bias": host.bias is not None}
     if isinstance(host, nn.Linear):
         plain: nn.Module = nn.Linear(total, host.out_features, **options)  # type: ignore[arg-type]
@@ -140,7 +139,9 @@ def _merge_consumer(wrapper: WidenedConsumer) -> MergedModule:
     fan_out = nn.Parameter(wrapper.weight * wrapper.alpha)
     change = _concat(plain, "weight", host.weight, fan_out, dim=1)
     change = ParameterChange(
-        change.old, change.new, (change.pieces[0], StatePiece(wrapper.weight, change.pieces[1].region))
+        change.old,
+        change.new,
+        (change.pieces[0], StatePiece(wrapper.weight, change.pieces[1].region)),
     )
     if host.bias is not None:
         plain.bias = host.bias

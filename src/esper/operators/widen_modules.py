@@ -67,14 +67,13 @@ class WidenedBatchNorm(nn.Module):
         self.host = host
         self.k = k
         like = host.running_mean if host.running_mean is not None else host.weight
-        options = {"dtype": like.dtype, "device": like.device}
-        self.weight = nn.Parameter(torch.ones(k, **options)) if host.affine else None
-        self.bias = nn.Parameter(torch.zeros(k, **options)) if host.affine else None
+        self.weight = nn.Parameter(like.new_ones(k)) if host.affine else None
+        self.bias = nn.Parameter(like.new_zeros(k)) if host.affine else None
         self.running_mean: torch.Tensor | None
         self.running_var: torch.Tensor | None
         if host.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(k, **options))
-            self.register_buffer("running_var", torch.ones(k, **options))
+            self.register_buffer("running_mean", like.new_zeros(k))
+            self.register_buffer("running_var", like.new_ones(k))
         else:
             self.running_mean = self.running_var = None
 
@@ -111,10 +110,9 @@ class WidenedLayerNorm(nn.Module):
         self.host = host
         self.k = k
         like = host.weight if host.weight is not None else torch.empty(0)
-        options = {"dtype": like.dtype, "device": like.device}
-        self.weight = nn.Parameter(torch.ones(k, **options)) if host.weight is not None else None
-        self.bias = nn.Parameter(torch.zeros(k, **options)) if host.bias is not None else None
-        self.register_buffer("alpha", torch.zeros((), **options))
+        self.weight = nn.Parameter(like.new_ones(k)) if host.weight is not None else None
+        self.bias = nn.Parameter(like.new_zeros(k)) if host.bias is not None else None
+        self.register_buffer("alpha", like.new_zeros(()))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``(..., n + k)`` -> ``(..., n + k)``."""

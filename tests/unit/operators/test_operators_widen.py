@@ -65,7 +65,7 @@ def test_random_widen_keeps_the_function_through_the_ramp_and_the_merge(host_cas
 
 
 def test_fossilize_leaves_plain_wider_torch_modules(host_case) -> None:
-    name, host, layer, x = host_case
+    _name, host, layer, x = host_case
     model = esper.wrap(host)
     graft = model.widen(layer, 3, blend_steps=0)
     consumer = graft.path.consumer
@@ -88,7 +88,7 @@ def test_fossilize_leaves_plain_wider_torch_modules(host_case) -> None:
 
 
 def test_cull_restores_the_host_modules_exactly(host_case) -> None:
-    name, host, layer, x = host_case
+    _name, host, layer, _x = host_case
     model = esper.wrap(host)
     modules_before = {n: m for n, m in model.named_modules()}
     keys_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -148,7 +148,7 @@ def test_what_cannot_be_widened_is_refused_by_name(host, layer, message) -> None
     model = esper.wrap(host)
     state = copy.deepcopy(model.state_dict())
 
-    with pytest.raises(ConfigurationError, match=f"cannot widen '{layer}'.*{message}"):
+    with pytest.raises(ConfigurationError, match=rf"cannot widen '{layer}'.*{message}"):
         model.widen(layer, 2)
 
     assert model.state_dict().keys() == state.keys()
@@ -166,7 +166,7 @@ def test_a_residual_use_of_the_output_is_refused() -> None:
             h = self.fc(x)
             return self.out(torch.relu(h)) + h[:, :2]  # h is used twice
 
-    with pytest.raises(ConfigurationError, match="cannot widen 'fc'.*used by 2 operations"):
+    with pytest.raises(ConfigurationError, match=r"cannot widen .fc.*used by 2 operations"):
         esper.wrap(Residual()).widen("fc", 2)
 
 

@@ -88,7 +88,10 @@ def gradmax_units(
     """Zero fan-in and bias; fan-out from the top singular vectors of ``Σ δ_B xᵀ``."""
     _check_gradmax_applies(path, producer, consumer)
     assert isinstance(producer, nn.Linear) and isinstance(consumer, nn.Linear)
-    correlation = gradient_correlation(root, producer, consumer, batches)  # (out_B, in_A)
+    modules = dict(root.named_modules())  # hooks go on the modules the parents call
+    correlation = gradient_correlation(
+        root, modules[path.producer], modules[path.consumer], batches
+    )  # (out_B, in_A)
     left, _, _ = torch.linalg.svd(correlation.double(), full_matrices=False)
     fan_out = torch.zeros(consumer.out_features, k, dtype=torch.float64, device=left.device)
     rank = min(k, left.shape[1])
@@ -108,7 +111,8 @@ def gradient_correlation(
 ) -> torch.Tensor:
     """``Σ_batches Σ_rows δ_B xᵀ``: ``(out_B, in_A)``, from one forward and backward per batch.
 
-    Parameter gradients are left as they were before the call.
+    ``producer`` and ``consumer`` are the modules as their parents call them (a seeded layer, not
+    its base, whose bound fast path skips hooks). Parameter gradients are left as they were.
     """
     saved_grads = {p: p.grad for p in root.parameters()}
     inputs: list[torch.Tensor] = []

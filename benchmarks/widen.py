@@ -71,7 +71,9 @@ def mlp_layer_norm(width: int = 256) -> nn.Module:
                          nn.Linear(width, 10))  # fmt: skip
 
 
-Case = tuple[Callable[[int], nn.Module], int, str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]
+Case = tuple[
+    Callable[[int], nn.Module], int, str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]
+]
 CASES: dict[str, Case] = {
     "mlp linear-relu-linear": (mlp, 256, "0", 128, lambda: (torch.randn(128, 784), torch.randint(10, (128,)))),
     "mlp linear-layernorm-gelu": (mlp_layer_norm, 256, "0", 128,

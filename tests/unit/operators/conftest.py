@@ -65,3 +65,10 @@ def host_case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, str, torc
     factory, layer, shape = HOSTS[request.param]
     torch.manual_seed(0)
     return request.param, factory(), layer, torch.randn(shape)
+
+
+@pytest.fixture
+def gpt_case() -> tuple[nn.Module, torch.Tensor]:
+    """A seeded GPT-style block and its input ``(B, T, C)``."""
+    torch.manual_seed(0)
+    return GPTBlock(), torch.randn(2, 5, 16)

@@ -79,7 +79,7 @@ def test_resume_from_a_widened_checkpoint_repeats_the_uninterrupted_run(save_at:
 
 
 def test_a_model_reloads_its_own_widened_state_dict() -> None:
-    model, optimizer = _fresh(_host())
+    model, _ = _fresh(_host())
     model.widen("0", 2, blend_steps=0)
     state = copy.deepcopy(model.state_dict())
 

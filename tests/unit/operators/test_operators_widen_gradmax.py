@@ -81,10 +81,9 @@ def test_random_init_has_a_trained_fan_out_but_zero_fan_out_gradient_on_fan_in()
     assert _fan_in_gradient(model, x, y).abs().max() == 0  # zero fan-out: fan-in learns later
 
 
-def test_gradmax_keeps_the_gpt_mlp_function(host_case) -> None:
-    name, host, layer, x = host_case
-    if name != "gpt_mlp":
-        pytest.skip("GradMax applies to Linear -> GELU -> Linear here")
+def test_gradmax_keeps_the_gpt_mlp_function(gpt_case) -> None:
+    host, x = gpt_case
+    layer = "fc"
     model = esper.wrap(host)
     expected = model(x).detach()
     target = torch.randn_like(expected)
@@ -113,3 +112,26 @@ def test_gradmax_where_it_cannot_work_is_refused(host: nn.Module, message: str) 
         model.widen("0", 2, init="gradmax", gradmax_batches=[])
 
     assert model.state_dict().keys() == before.keys()
+
+
+def test_a_widen_failing_half_way_leaves_the_host_exact_and_training_going() -> None:
+    x, y = _data()
+    model = esper.wrap(_mlp())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.attach_optimizer(optimizer)
+    expected = model(x).detach()
+
+    def failing_loss() -> torch.Tensor:
+        model(x).sum().backward()  # gradients flow, then the batch fails
+        raise RuntimeError("data loader died")
+
+    with pytest.raises(RuntimeError, match="data loader died"):
+        model.widen("0", 2, init="gradmax", gradmax_batches=[GradMaxBatch(failing_loss)])
+
+    assert torch.equal(model(x), expected)
+    assert all(p.grad is None for p in model.parameters())  # gradients as they were
+    assert len(optimizer.param_groups) == 1 and model.widenings.events["refused"] == 1
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    assert nn.functional.mse_loss(model(x), y) < loss

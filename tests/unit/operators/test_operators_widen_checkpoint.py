@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 import esper
+from esper.blueprints import create_artifact
+from esper.contracts import BlueprintSpec
 from esper.errors import StateDictError
+from esper.execution import InMemoryArtifactSource
 
 
 def _host() -> nn.Module:
@@ -102,3 +105,25 @@ def test_an_unwidened_model_has_no_record_in_its_state_dict() -> None:
     model, _ = _fresh(_host())
 
     assert "widen_record" not in model.state_dict()
+
+
+def test_a_kernel_grafted_on_a_widened_layer_comes_back_with_it() -> None:
+    source = InMemoryArtifactSource()
+    host = _host()
+    model = esper.wrap(copy.deepcopy(host), kernel_source=source)
+    model.widen("0", 4, blend_steps=0)
+    model.widenings.fossilize("0")
+    target = model.layer("0").target()
+    assert (target.in_features, target.out_features) == (6, 12)
+    spec = BlueprintSpec(family="lowrank_adapter", params={"rank": 2})
+    data, _ = create_artifact(spec, target, init_seed=0)
+    kernel = model.load_kernel_sync("0", seed_idx=1, kernel_artifact_id=source.add(data))
+    with torch.no_grad():
+        kernel.up.weight.normal_()
+    x = torch.randn(5, 6)
+    checkpoint = copy.deepcopy(model.state_dict())
+
+    resumed = esper.wrap(copy.deepcopy(host), kernel_source=source)
+    resumed.load_state_dict(checkpoint)
+
+    assert torch.equal(resumed(x), model(x))

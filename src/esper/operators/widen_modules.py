@@ -5,8 +5,9 @@ module inside is kept as is (same object, same parameters, so the optimizer and 
 are untouched) and the *k* new units are separate parameters:
 
 * :class:`WidenedProducer`: ``h = cat(A(x), A_new(x))`` along the feature/channel dim;
-* :class:`WidenedBatchNorm`: the old channels through the host norm, the new ones through their
-  own affine parameters and running statistics (BatchNorm keeps channels apart, so this is exact);
+* :class:`WidenedBatchNorm`: one batch norm over all channels, with the host's and the new
+  channels' affine parameters and running statistics concatenated (BatchNorm keeps channels
+  apart, so the old channels get exactly what the host gives them);
 * :class:`WidenedLayerNorm`: ``(1-α)·LN_n(h_old) ⊕ LN_{n+k}(h)``, the old features blending from
   their own statistics (exact at α = 0) to those of all ``n + k`` (plain LayerNorm at α = 1);
 * :class:`WidenedConsumer`: ``y = B(h_old) + α · B_new(h_new)``.
@@ -78,22 +79,34 @@ class WidenedBatchNorm(nn.Module):
             self.running_mean = self.running_var = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, n + k, ...)`` -> ``(B, n + k, ...)``."""
-        n = self.host.num_features
-        old = self.host(x[:, :n].contiguous())
-        use_batch_stats = self.training or self.running_mean is None
-        momentum = self.host.momentum if self.host.momentum is not None else 0.1
-        new = F.batch_norm(
-            x[:, n:],
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
+        """``(B, n + k, ...)`` -> ``(B, n + k, ...)``: one batch norm over all channels (each
+        channel is normalised on its own, so the old ones compute what the host computes),
+        the running statistics then written back to the host's and the new channels' buffers."""
+        host = self.host
+        n = host.num_features
+        tracking = host.running_mean is not None and self.running_mean is not None
+        mean = _cat_optional(host.running_mean, self.running_mean)
+        var = _cat_optional(host.running_var, self.running_var)
+        momentum = host.momentum if host.momentum is not None else 0.1
+        out = F.batch_norm(
+            x,
+            mean,
+            var,
+            _cat_optional(host.weight, self.weight),
+            _cat_optional(host.bias, self.bias),
+            self.training or not tracking,
             momentum,
-            self.host.eps,
+            host.eps,
         )
-        return torch.cat([old, new], dim=1)
+        if self.training and tracking:
+            assert mean is not None and var is not None
+            with torch.no_grad():
+                host.running_mean.copy_(mean[:n])  # type: ignore[union-attr]
+                host.running_var.copy_(var[:n])  # type: ignore[union-attr]
+                self.running_mean.copy_(mean[n:])  # type: ignore[union-attr]
+                self.running_var.copy_(var[n:])  # type: ignore[union-attr]
+                host.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        return out
 
 
 class WidenedLayerNorm(nn.Module):

@@ -72,3 +72,10 @@ def gpt_case() -> tuple[nn.Module, torch.Tensor]:
     """A seeded GPT-style block and its input ``(B, T, C)``."""
     torch.manual_seed(0)
     return GPTBlock(), torch.randn(2, 5, 16)
+
+
+@pytest.fixture
+def conv_case() -> tuple[nn.Module, torch.Tensor]:
+    """A seeded Conv -> BatchNorm -> ReLU -> Conv net and its input ``(B, C, H, W)``."""
+    torch.manual_seed(0)
+    return ConvNet(), torch.randn(4, 3, 8, 8)

@@ -194,3 +194,24 @@ def test_widen_twice_after_fossilize() -> None:
 
     assert model.model[0].base.out_features == 8 and model.model[2].base.in_features == 8
     assert (model(x) - y).abs().max() < 1e-6
+
+
+def test_a_blending_batch_norm_moves_the_host_statistics_as_the_host_would(conv_case) -> None:
+    host, x = conv_case
+    layer = "conv1"
+    plain = esper.wrap(copy.deepcopy(host))
+    model = esper.wrap(host)
+    graft = model.widen(layer, 4)
+
+    for _ in range(3):
+        plain(x)
+        model(x)
+
+    norm, widened = plain.model.bn.base, model.model.bn.base
+    assert torch.equal(widened.host.running_mean, norm.running_mean)
+    assert torch.equal(widened.host.running_var, norm.running_var)
+    assert int(widened.host.num_batches_tracked) == int(norm.num_batches_tracked) == 3
+    assert widened.running_mean.abs().sum() > 0  # the new channels keep their own statistics
+    model.widenings.cull(layer)
+    assert torch.equal(model.model.bn.base.running_mean, norm.running_mean)
+    assert graft.state.name == "DORMANT"

@@ -135,7 +135,9 @@ def _kind_selector(selector: TargetSpec) -> str | None:
     if get_layer_kind(name) is None:
         known = [spec.name for spec in registered_layer_kinds()]
         close = difflib.get_close_matches(name, known, 3)
-        hint = f" Did you mean {', '.join(KIND_SELECTOR + n for n in close)}?" if close else ""
+        hint = (
+            f" Did you mean {', '.join(repr(KIND_SELECTOR + n) for n in close)}?" if close else ""
+        )
         raise UnknownLayerError(
             f"target {selector!r} names no layer kind.{hint} Registered kinds: {', '.join(known)}"
         )

@@ -27,6 +27,7 @@ from esper.execution import (
     unregister_layer_kind,
 )
 from esper.execution.layer_kind_registry import FEATURE_KINDS, feature_kind
+from esper.tamiyo.graph import GraphStructure
 from esper.tamiyo.observation import NODE_FEATURES
 
 
@@ -247,3 +248,21 @@ def test_every_kind_sets_a_tamiyo_structure_column_its_own_or_the_one_it_is_like
     assert feature_kind("embedding") == "linear"
     assert feature_kind("conv2d") == "conv2d"
     assert feature_kind("not_registered") is None
+
+
+def test_tamiyo_sees_stock_and_user_kinds_in_its_layer_graph(kinds: list[str]) -> None:
+    _register_gate(kinds)
+    model = esper.wrap(
+        nn.Sequential(nn.Embedding(10, 8), nn.RMSNorm(8), Gate(8)),
+        target_layers=["kind:embedding", "kind:rms_norm", "kind:gate"],
+    )
+
+    structure = GraphStructure.from_model(model)
+
+    kind_columns = [i for i, name in enumerate(NODE_FEATURES) if name.startswith("kind_")]
+    one_hot = structure.static_features[:, kind_columns]  # (3 layers, 7 kinds)
+    linear, layer_norm = FEATURE_KINDS.index("linear"), FEATURE_KINDS.index("layer_norm")
+    assert one_hot[0].nonzero().flatten().tolist() == [linear]  # embedding: like linear
+    assert one_hot[1].nonzero().flatten().tolist() == [layer_norm]  # rms_norm: like layer_norm
+    assert one_hot[2].sum() == 0  # a user kind registered without `like`
+    assert structure.compatible[:, 0].all()  # lowrank_r8 fits every one of them

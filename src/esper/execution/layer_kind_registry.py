@@ -323,9 +323,19 @@ def kind_of(module: nn.Module) -> LayerKindSpec | None:
             if spec.covers_class(cls):
                 return spec
     for spec in kinds:
-        if spec.matches is not None and spec.matches(module):
+        if spec.matches is not None and _matches(spec, spec.matches, module):
             return spec
     return None
+
+
+def _matches(spec: LayerKindSpec, predicate: MatchFn, module: nn.Module) -> bool:
+    try:
+        return bool(predicate(module))
+    except Exception as exc:
+        raise ConfigurationError(
+            f"layer kind {spec.name!r}: its matches predicate raised {type(exc).__name__} on a "
+            f"{type(module).__name__}: {exc}; it must return True or False for any module"
+        ) from exc
 
 
 def feature_kind(name: str) -> str | None:

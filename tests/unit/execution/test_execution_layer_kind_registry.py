@@ -230,6 +230,14 @@ def test_a_bad_geometry_is_reported_at_wrap_with_the_kind_named(
         esper.wrap(GatedNet(), target_layers=[Gate])
 
 
+def test_a_predicate_that_raises_is_reported_with_the_kind_named(kinds: list[str]) -> None:
+    register_layer_kind("picky", matches=lambda m: m.nonexistent, geometry=lambda m: None)  # type: ignore[arg-type,return-value]
+    kinds.append("picky")
+
+    with pytest.raises(ConfigurationError, match="layer kind 'picky': its matches predicate"):
+        esper.wrap(nn.Sequential(nn.ReLU()))
+
+
 def test_kind_selectors_pick_every_layer_of_a_kind_and_unknown_kinds_are_named() -> None:
     model = nn.Sequential(nn.Embedding(10, 8), nn.RMSNorm(8), nn.Linear(8, 8), nn.RMSNorm(8))
 

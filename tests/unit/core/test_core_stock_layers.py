@@ -14,8 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import esper
+from esper.blueprints import check_compatible, is_compatible
 from esper.contracts import BlueprintSpec
 from esper.core.unwrap import FROZEN_KERNELS
+from esper.errors import BlueprintError
 from esper.execution import KasminaLayer
 
 Germinate = Callable[..., nn.Module]
@@ -177,3 +179,19 @@ def test_an_embedding_is_not_merged_where_merging_would_not_be_exact(
     if case == "tied":
         assert plain.head.weight is plain.embed.weight
         assert torch.equal(plain.head.weight, host.embed.weight)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.Embedding(20, 8), nn.RMSNorm(8), LlamaStyleRMSNorm(8)],
+    ids=lambda m: type(m).__name__,
+)
+def test_the_feature_families_serve_stock_kinds_and_conv_adapter_says_why_not(
+    module: nn.Module,
+) -> None:
+    target = esper.KasminaLayer(module).target()
+
+    for family, params in [("lowrank_adapter", {"rank": 4}), ("residual_mlp", {"hidden": 16})]:
+        assert is_compatible(BlueprintSpec(family=family, params=params), target)
+    with pytest.raises(BlueprintError, match="use lowrank_adapter or residual_mlp for features"):
+        check_compatible(BlueprintSpec(family="conv_adapter"), target)

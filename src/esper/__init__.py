@@ -9,7 +9,7 @@ Quick start::
 
 Importing ``esper`` imports only pydantic: torch and safetensors load with the first use of
 ``wrap``, ``unwrap``, ``MorphableModel`` or ``KasminaLayer`` (so ``esper --help`` answers at once),
-optional backends (SQL drivers, Redis, boto3, FastAPI, torch_geometric) load when the component
+optional backends (SQL drivers, Redis, boto3, FastAPI, torch_geometric, transformers) load when the component
 that needs them is used, and CUDA is never initialised by the import.
 """
 
@@ -23,16 +23,26 @@ from esper.contracts import SeedState
 
 if TYPE_CHECKING:
     from esper.core import MorphableModel, unwrap, wrap
-    from esper.execution import KasminaLayer
+    from esper.execution import (
+        KasminaLayer,
+        LayerGeometry,
+        register_layer_kind,
+        registered_layer_kinds,
+        unregister_layer_kind,
+    )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KasminaLayer",
+    "LayerGeometry",
     "MorphableModel",
     "SeedState",
     "__version__",
     "configure_logging",
+    "register_layer_kind",
+    "registered_layer_kinds",
+    "unregister_layer_kind",
     "unwrap",
     "wrap",
 ]
@@ -58,6 +68,10 @@ _HOMES = {
     "unwrap": "esper.core",
     "wrap": "esper.core",
     "KasminaLayer": "esper.execution",
+    "LayerGeometry": "esper.execution",
+    "register_layer_kind": "esper.execution",
+    "registered_layer_kinds": "esper.execution",
+    "unregister_layer_kind": "esper.execution",
 }
 
 

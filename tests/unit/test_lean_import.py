@@ -16,6 +16,7 @@ OPTIONAL_BACKENDS = (
     "uvicorn",
     "httpx",
     "torch_geometric",
+    "transformers",
 )
 
 PROBE = f"""

@@ -14,6 +14,7 @@ from esper.contracts.kernels import (
     KernelMetadata,
     KernelTarget,
     LayerKind,
+    LayerKindName,
 )
 from esper.contracts.library import (
     BlueprintRecord,
@@ -67,6 +68,7 @@ __all__ = [
     "KernelReady",
     "KernelTarget",
     "LayerKind",
+    "LayerKindName",
     "LayerStats",
     "LayerTopology",
     "LibraryStats",

@@ -31,8 +31,13 @@ KernelId = Annotated[str, Field(pattern=SHA256_HEX_PATTERN)]
 """Content address of a kernel artifact: the sha256 hex digest of its bytes."""
 
 
+LayerKindName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+"""A layer kind's name: one of :class:`LayerKind` or a kind a user registered
+(``esper.register_layer_kind``)."""
+
+
 class LayerKind(StrEnum):
-    """The kinds of host layer a seed can be attached to."""
+    """The built-in kinds of host layer a seed can be attached to (users may register more)."""
 
     LINEAR = "linear"
     CONV1D = "conv1d"
@@ -41,6 +46,9 @@ class LayerKind(StrEnum):
     BATCH_NORM1D = "batch_norm1d"
     BATCH_NORM2D = "batch_norm2d"
     MULTIHEAD_ATTENTION = "multihead_attention"
+    HF_CONV1D = "hf_conv1d"
+    RMS_NORM = "rms_norm"
+    EMBEDDING = "embedding"
 
 
 class KernelTarget(Contract):
@@ -53,7 +61,7 @@ class KernelTarget(Contract):
     when ``channel_dim`` is 1.
     """
 
-    layer_kind: LayerKind
+    layer_kind: LayerKindName
     in_features: Features
     out_features: Features
     channel_dim: int = Field(description="-1: features last (Linear, LayerNorm); 1: channels first")
@@ -82,7 +90,7 @@ class KernelTarget(Contract):
     def describe(self) -> str:
         """A short human-readable form, e.g. ``linear 64->16``."""
         spatial = f" ({self.spatial_dims}d spatial)" if self.spatial_dims else ""
-        return f"{self.layer_kind.value} {self.in_features}->{self.out_features}{spatial}"
+        return f"{self.layer_kind} {self.in_features}->{self.out_features}{spatial}"
 
 
 class BlueprintSpec(Contract):

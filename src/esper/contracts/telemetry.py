@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field, FiniteFloat
 
 from esper.contracts.base import Contract
-from esper.contracts.kernels import KernelId, LayerKind
+from esper.contracts.kernels import KernelId, LayerKindName
 from esper.contracts.lifecycle import SeedState
 
 
@@ -39,7 +39,7 @@ class HealthSignal(Contract):
     """Health of one wrapped layer over a telemetry window (``samples`` recorded forwards)."""
 
     layer_name: str
-    layer_kind: LayerKind
+    layer_kind: LayerKindName
     step: int = Field(ge=0)
     timestamp: FiniteFloat
     samples: int = Field(ge=0, description="forwards whose statistics were recorded")
@@ -56,7 +56,7 @@ class LayerStats(Contract):
     """Structure and seed states of one wrapped layer."""
 
     layer_name: str
-    layer_kind: LayerKind
+    layer_kind: LayerKindName
     base_parameters: int
     kernel_parameters: int
     seeds_by_state: dict[SeedState, int]

@@ -3,8 +3,10 @@ swapping a module for its replacement at every parent that holds it.
 
 Selectors follow PEFT: a module type (``nn.Linear``), a dotted name or ``.suffix`` name
 (``"encoder.fc1"``, ``".fc1"``), a compiled regex matched against full dotted names, or a list
-mixing them. A name or regex that matches nothing, or names a module that cannot carry seeds, is
-an error that lists the candidates.
+mixing them; ``"kind:<name>"`` selects every module of a registered layer kind (``"kind:hf_conv1d"``,
+``"kind:rms_norm"``: the form a run config uses, where no class can be written). A name or regex
+that matches nothing, an unknown kind, or a name of a module that cannot carry seeds is an error
+that lists the candidates.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from esper.errors import ArgumentTypeError, ConfigurationError, UnknownLayerError
-from esper.execution import SUPPORTED_LAYER_TYPES
 from esper.execution.arguments import shown
+from esper.execution.layer_kind_registry import (
+    get_layer_kind,
+    kind_of,
+    registered_layer_kinds,
+    supported_layer_names,
+)
 
 TargetSpec = type[nn.Module] | str | re.Pattern[str]
 """A layer selector: a module type, a qualified name (or ``.suffix``), or a compiled regex."""
@@ -25,16 +32,19 @@ TargetSpec = type[nn.Module] | str | re.Pattern[str]
 FUSED_INFERENCE_MODULES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer,)
 """Modules whose inference fast path reads their children's weights instead of calling them."""
 
+KIND_SELECTOR = "kind:"
+"""Prefix of a selector naming a layer kind (``"kind:embedding"``)."""
+
 _SELECTOR_FORMS = (
-    "a module type (nn.Linear), a dotted or '.suffix' name ('encoder.fc1', '.fc1'), a compiled "
-    "regex, a list of those, or None for every supported layer"
+    "a module type (nn.Linear), a dotted or '.suffix' name ('encoder.fc1', '.fc1'), a layer kind "
+    "('kind:rms_norm'), a compiled regex, a list of those, or None for every supported layer"
 )
 
 
 def _selectors(target_layers: object) -> list[TargetSpec]:
     """``target_layers`` as a list of selectors; :class:`ArgumentTypeError` for any other form."""
     if target_layers is None:
-        return list(SUPPORTED_LAYER_TYPES)
+        return [nn.Module]  # every module of a registered kind
     if isinstance(target_layers, str | re.Pattern | type):
         candidates: list[object] = [target_layers]
     elif isinstance(target_layers, Iterable) and not isinstance(target_layers, bytes | Mapping):
@@ -76,12 +86,12 @@ def select_targets(model: nn.Module, target_layers: object) -> dict[int, list[st
             inside_attention.update(id(m) for m in module.modules() if m is not module)
 
     def supported(module: nn.Module) -> bool:
-        return isinstance(module, SUPPORTED_LAYER_TYPES) and id(module) not in inside_attention
+        return kind_of(module) is not None and id(module) not in inside_attention
 
     chosen: set[int] = set()
     for selector in selectors:
         matched = _match(selector, sites, modules)
-        if isinstance(selector, type):
+        if isinstance(selector, type) or _kind_selector(selector) is not None:
             chosen.update(key for key in matched if supported(modules[key]))
             continue
         if not matched:
@@ -100,23 +110,46 @@ def select_targets(model: nn.Module, target_layers: object) -> dict[int, list[st
                     if key in inside_attention
                     else f"it is a {type(module).__name__}"
                 )
-                supported_names = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
                 raise ConfigurationError(
-                    f"layer {sites[key][0]!r} cannot carry seeds: {why}. Supported layer types: "
-                    f"{supported_names}"
+                    f"layer {sites[key][0]!r} cannot carry seeds: {why}. Supported layer kinds: "
+                    f"{supported_layer_names()} (declare another with esper.register_layer_kind)"
                 )
             chosen.add(key)
     if not chosen:
         raise UnknownLayerError(
             f"no layer of the model matches target_layers={shown(target_layers)}; supported layer "
-            f"types: {', '.join(t.__name__ for t in SUPPORTED_LAYER_TYPES)}"
+            f"kinds: {supported_layer_names()}"
         )
     return {key: names for key, names in sites.items() if key in chosen}
+
+
+def _kind_selector(selector: TargetSpec) -> str | None:
+    """The kind name of a ``"kind:<name>"`` selector, else ``None``.
+
+    Raises:
+        UnknownLayerError: no layer kind has that name.
+    """
+    if not isinstance(selector, str) or not selector.startswith(KIND_SELECTOR):
+        return None
+    name = selector.removeprefix(KIND_SELECTOR)
+    if get_layer_kind(name) is None:
+        known = [spec.name for spec in registered_layer_kinds()]
+        close = difflib.get_close_matches(name, known, 3)
+        hint = (
+            f" Did you mean {', '.join(repr(KIND_SELECTOR + n) for n in close)}?" if close else ""
+        )
+        raise UnknownLayerError(
+            f"target {selector!r} names no layer kind.{hint} Registered kinds: {', '.join(known)}"
+        )
+    return name
 
 
 def _match(
     selector: TargetSpec, sites: Mapping[int, list[str]], modules: Mapping[int, nn.Module]
 ) -> list[int]:
+    kind = _kind_selector(selector)
+    if kind is not None:
+        return [key for key, module in modules.items() if _kind_name(module) == kind]
     if isinstance(selector, type):
         return [key for key, module in modules.items() if isinstance(module, selector)]
     if isinstance(selector, re.Pattern):
@@ -127,6 +160,11 @@ def _match(
         for key, names in sites.items()
         if any(n == suffix or n.endswith("." + suffix) for n in names)
     ]
+
+
+def _kind_name(module: nn.Module) -> str | None:
+    spec = kind_of(module)
+    return spec.name if spec is not None else None
 
 
 def modules_inside_fused(model: nn.Module) -> set[int]:

@@ -41,8 +41,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """A plain copy of ``model`` (a wrapped model's inner ``model``) computing what it computes
     now; ``model`` itself is not changed."""
     plain = copy.deepcopy(model)
+    shared = shared_parameters(plain)
     replacements = {
-        id(module): plain_layer(module)
+        id(module): plain_layer(
+            module, mergeable=not any(id(p) in shared for p in module.base.parameters())
+        )
         for module in plain.modules()
         if isinstance(module, KasminaLayer)
     }
@@ -63,15 +66,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return plain
 
 
-def plain_layer(layer: KasminaLayer) -> nn.Module:
-    """The plain module equivalent to ``layer`` in its current state (modifies ``layer.base``)."""
+def shared_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter that more than one module holds (tied weights: GPT-2's
+    ``lm_head.weight`` is ``wte.weight``); merging a kernel into one would change the other."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    return {key for key, count in owners.items() if count > 1}
+
+
+def plain_layer(layer: KasminaLayer, *, mergeable: bool = True) -> nn.Module:
+    """The plain module equivalent to ``layer`` in its current state (modifies ``layer.base``);
+    kept kernels are merged into its weights only if ``mergeable`` (and the merge is exact)."""
     base = layer.base
     running = layer.seed_layout.running
     if not running:
         return base
     kernels = [module for i in running if (module := layer.kernel(i)) is not None]
     alphas = [layer.seed_layout.slots[i].alpha for i in running]
-    if merge_kernels(base, layer.profile, kernels, alphas):
+    if mergeable and merge_kernels(base, layer.profile, kernels, alphas):
         return base
     reads_input = layer.profile.graft_point is GraftPoint.INPUT
     frozen = frozen_kernels(

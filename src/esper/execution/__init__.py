@@ -8,13 +8,21 @@ from esper.execution.artifact_sources import (
 )
 from esper.execution.kasmina_layer import KasminaLayer
 from esper.execution.kernel_cache import CachedKernel, KernelCache
-from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, LayerProfile
+from esper.execution.layer_kind_registry import (
+    GraftPoint,
+    LayerGeometry,
+    LayerKindSpec,
+    kind_of,
+    register_layer_kind,
+    registered_layer_kinds,
+    unregister_layer_kind,
+)
+from esper.execution.layer_kinds import LayerProfile, profile_layer
 from esper.execution.seed_lifecycle import SeedEvents
 from esper.execution.state_layout import SeedStateLayout
 
 __all__ = [
     "MAX_SEEDS_PER_LAYER",
-    "SUPPORTED_LAYER_TYPES",
     "ArtifactSource",
     "CachedKernel",
     "DirectoryArtifactSource",
@@ -22,7 +30,14 @@ __all__ = [
     "InMemoryArtifactSource",
     "KasminaLayer",
     "KernelCache",
+    "LayerGeometry",
+    "LayerKindSpec",
     "LayerProfile",
     "SeedEvents",
     "SeedStateLayout",
+    "kind_of",
+    "profile_layer",
+    "register_layer_kind",
+    "registered_layer_kinds",
+    "unregister_layer_kind",
 ]

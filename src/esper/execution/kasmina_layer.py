@@ -37,7 +37,8 @@ from esper.errors import ConfigurationError
 from esper.execution import seed_health
 from esper.execution.arguments import check_name, check_seed_settings
 from esper.execution.fast_paths import disable_fused_fast_paths, has_hooks
-from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, profile_layer
+from esper.execution.layer_kind_registry import GraftPoint, supported_layer_names
+from esper.execution.layer_kinds import profile_layer
 from esper.execution.seed_blend import RunningSeed, blend, blend_sequences, running_seeds
 from esper.execution.seed_lifecycle import SeedLifecycle
 
@@ -48,7 +49,8 @@ class KasminaLayer(SeedLifecycle):
     """Wraps one host module (kept as is, never copied) and gives it ``num_seeds`` seeds.
 
     Args:
-        base: the host module; one of :data:`SUPPORTED_LAYER_TYPES`.
+        base: the host module; of a registered layer kind (see
+            :mod:`esper.execution.layer_kind_registry`).
         num_seeds: number of seeds.
         layer_name: the layer's dotted name in the host model (for messages and telemetry).
         blend_steps: steps over which a grafted kernel's alpha ramps from 0 to 1.
@@ -80,10 +82,10 @@ class KasminaLayer(SeedLifecycle):
         check_name("layer_name", layer_name)
         profile = profile_layer(base) if isinstance(base, nn.Module) else None
         if profile is None:
-            supported = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
             raise ConfigurationError(
                 f"layer {layer_name or type(base).__name__!r} is a {type(base).__name__}, which "
-                f"cannot carry seeds; supported layer types: {supported}"
+                f"cannot carry seeds; supported layer kinds: {supported_layer_names()} (declare "
+                "another with esper.register_layer_kind)"
             )
         settings = check_seed_settings(
             num_seeds=num_seeds,

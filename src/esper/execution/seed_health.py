@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from esper.contracts import HealthSignal, LayerKind, SeedHealth
+from esper.contracts import HealthSignal, SeedHealth
 from esper.execution.fast_paths import flatten_units
 from esper.execution.state_layout import (
     LAYER_HEALTH_FIELDS,
@@ -72,7 +72,7 @@ def build_health_signal(
     slots: Sequence[SeedSlot],
     *,
     layer_name: str,
-    layer_kind: LayerKind,
+    layer_kind: str,
     step: int,
     timestamp: float,
 ) -> HealthSignal:

@@ -31,9 +31,10 @@ import torch.fx
 from torch import nn
 
 from esper.blueprints import is_compatible
-from esper.contracts import KernelTarget, LayerKind, SeedState
+from esper.contracts import KernelTarget, SeedState
 from esper.errors import ConfigurationError
 from esper.execution import KasminaLayer
+from esper.execution.layer_kind_registry import FEATURE_KINDS, feature_kind
 from esper.tamiyo.observation import (
     BLUEPRINT_CATALOG,
     GLOBAL_FEATURES,
@@ -46,8 +47,9 @@ logger = logging.getLogger(__name__)
 HEALTH_FEATURES: tuple[str, ...] = NODE_FEATURES[:6]
 """The health columns of :data:`NODE_FEATURES` (filled from :class:`LayerHealthSummary`)."""
 
-KIND_FEATURES: dict[LayerKind, str] = {kind: f"kind_{kind.value}" for kind in LayerKind}
-"""One-hot column of :data:`NODE_FEATURES` for each layer kind."""
+KIND_FEATURES: dict[str, str] = {kind: f"kind_{kind}" for kind in FEATURE_KINDS}
+"""One-hot column of :data:`NODE_FEATURES` for each layer kind that has one; other kinds set
+the column of the kind they are registered ``like`` (GPT-2's Conv1D: ``linear``), or none."""
 
 FEATURE_LIMIT = 1e12
 """Largest magnitude a dynamic feature may have in a graph: larger values are clipped to it and
@@ -192,7 +194,9 @@ class GraphStructure:
         features = torch.zeros((n, len(NODE_FEATURES)), dtype=torch.float32)
         compatible = torch.zeros((n, len(BLUEPRINT_CATALOG)), dtype=torch.bool)
         for i, (target, params) in enumerate(zip(targets, parameter_counts, strict=True)):
-            features[i, _COLUMN[KIND_FEATURES[target.layer_kind]]] = 1.0
+            column = KIND_FEATURES.get(feature_kind(target.layer_kind) or "")
+            if column is not None:
+                features[i, _COLUMN[column]] = 1.0
             features[i, _COLUMN["log2_in_features"]] = math.log2(target.in_features)
             features[i, _COLUMN["log2_out_features"]] = math.log2(target.out_features)
             features[i, _COLUMN["depth"]] = depth[i]

@@ -144,7 +144,8 @@ class SeedsSection(Section):
     """Which layers carry seeds and how grafts blend in (arguments of :func:`esper.wrap`)."""
 
     target: list[str] | None = None
-    """Layer names or ``.suffix`` names; ``None``: every Linear/Conv layer of the host."""
+    """Layer names, ``.suffix`` names or layer kinds (``kind:rms_norm``, ``kind:hf_conv1d``, any
+    registered kind); ``None``: every Linear/Conv layer of the host."""
     per_layer: int = Field(default=2, ge=1)
     blend_steps: int = Field(default=30, ge=1)
     health_every: int = Field(default=10, ge=1)

@@ -51,7 +51,7 @@ def demo_tables(result: DemoResult) -> list[TextTable]:
             tuple(
                 (
                     layer.layer_name,
-                    layer.layer_kind.value,
+                    str(layer.layer_kind),
                     seed_counts(layer.seeds_by_state),
                     str(layer.kernel_parameters),
                     ", ".join(k[:KERNEL_ID_CHARS] for k in layer.kernel_ids if k) or "-",

@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from esper.contracts import LayerKind
-from esper.execution import SUPPORTED_LAYER_TYPES, GraftPoint
+from esper.execution import GraftPoint, kind_of
 from esper.execution.layer_kinds import profile_layer
 
 CASES = [
@@ -54,16 +54,14 @@ def test_profile_of_each_supported_layer(
     assert (profile.channel_dim, profile.spatial_dims) == (channel_dim, spatial)
     assert profile.returns_tuple is returns_tuple
     target = profile.target(dtype="float64", device="cpu")
-    assert target.layer_kind is kind
+    assert target.layer_kind == kind
     assert (target.in_features, target.out_features, target.dtype) == (c_in, c_out, "float64")
 
 
-@pytest.mark.parametrize(
-    "module", [nn.GRU(4, 4), nn.ReLU(), nn.Embedding(5, 4), nn.Sequential(), nn.Conv3d(2, 2, 1)]
-)
+@pytest.mark.parametrize("module", [nn.GRU(4, 4), nn.ReLU(), nn.Sequential(), nn.Conv3d(2, 2, 1)])
 def test_unsupported_modules_have_no_profile(module: nn.Module) -> None:
     assert profile_layer(module) is None
-    assert not isinstance(module, SUPPORTED_LAYER_TYPES)
+    assert kind_of(module) is None
 
 
 def test_subclasses_of_supported_types_are_supported() -> None:
@@ -73,7 +71,7 @@ def test_subclasses_of_supported_types_are_supported() -> None:
     profile = profile_layer(MyLinear(3, 2))
 
     assert profile is not None
-    assert profile.kind is LayerKind.LINEAR
+    assert profile.kind == LayerKind.LINEAR
 
 
 def test_attention_out_proj_is_profiled_as_attention_not_linear() -> None:
@@ -83,4 +81,4 @@ def test_attention_out_proj_is_profiled_as_attention_not_linear() -> None:
     assert isinstance(attention.out_proj, nn.Linear)
     profile = profile_layer(attention)
     assert profile is not None
-    assert profile.kind is LayerKind.MULTIHEAD_ATTENTION
+    assert profile.kind == LayerKind.MULTIHEAD_ATTENTION

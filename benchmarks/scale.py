@@ -22,15 +22,28 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
+import os
+import random
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from torch import nn
 
 import esper
+from esper.contracts import BlueprintSpec, KernelMetadata, KernelTarget, LayerKind
+from esper.tezzeret import find_or_enqueue
+from esper.urza import open_storage_library
+from esper.urza.sql_schema import kernels_table
+from esper.urza.storage_library import StorageLibrary
 
 
 def fitted_exponent(sizes: Sequence[float], times: Sequence[float]) -> float:
@@ -87,6 +100,134 @@ def wrap_row(sizes: Sequence[int], pairs: int) -> None:
     print(f"fitted exponent of wrap time: {fitted_exponent(sizes, wraps):.2f}")
 
 
+URZA_BLUEPRINTS = 10
+URZA_GEOMETRIES = 100
+"""Kernels stored: every blueprint x geometry, then more init seeds of each (n / 1,000 seeds)."""
+
+
+def _kernel_rows(spec: BlueprintSpec, geometry: int, seed: int) -> dict[str, object]:
+    """The row ``insert_kernel`` writes for one kernel (metadata only: lookups read no bytes)."""
+    target = KernelTarget(
+        layer_kind=LayerKind.LINEAR,
+        in_features=8 + geometry,
+        out_features=16,
+        channel_dim=-1,
+        spatial_dims=0,
+    )
+    kernel_id = hashlib.sha256(f"{spec.blueprint_id}/{geometry}/{seed}".encode()).hexdigest()
+    metadata = KernelMetadata(
+        kernel_id=kernel_id,
+        blueprint=spec,
+        target=target,
+        dtype="float32",
+        parameter_count=1000,
+        size_bytes=4096,
+        checksum=kernel_id,
+        init_seed=seed,
+    )
+    return {
+        "kernel_id": kernel_id,
+        "blueprint_id": spec.blueprint_id,
+        "in_features": target.in_features,
+        "out_features": target.out_features,
+        "channel_dim": target.channel_dim,
+        "spatial_dims": target.spatial_dims,
+        "device": target.device,
+        "dtype": "float32",
+        "size_bytes": 4096,
+        "metadata_json": metadata.model_dump_json(),
+        "created_at": time.time(),
+        "init_seed": seed,
+    }
+
+
+@contextmanager
+def _postgres_database() -> Iterator[str | None]:
+    """A fresh database on the PostgreSQL at ``ESPER_TEST_POSTGRES_URL`` (default: the local
+    one), dropped afterwards; ``None`` when none is reachable."""
+    try:
+        import psycopg
+    except ImportError:
+        yield None
+        return
+    server = os.environ.get("ESPER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    name = f"esper_scale_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(server, autocommit=True, connect_timeout=2) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error:
+        yield None
+        return
+    try:
+        yield urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _urza_backend(label: str, library: StorageLibrary, sizes: Sequence[int], lookups: int) -> None:
+    specs = [BlueprintSpec(family="residual_mlp", params={"hidden": 8 + b}) for b in range(10)]
+    for spec in specs:
+        library.submit_blueprint(spec)
+    engine = library.metadata.engine
+    stored_seeds = 0
+    rng = random.Random(0)
+    p50s = []
+    for size in sizes:
+        seeds = size // (URZA_BLUEPRINTS * URZA_GEOMETRIES)
+        rows = [
+            _kernel_rows(spec, geometry, seed)
+            for seed in range(stored_seeds, seeds)
+            for spec in specs
+            for geometry in range(URZA_GEOMETRIES)
+        ]
+        for start in range(0, len(rows), 5000):
+            with engine.begin() as conn:
+                conn.execute(kernels_table.insert(), rows[start : start + 5000])
+        stored_seeds = seeds
+        latencies = []
+        for _ in range(lookups):
+            spec = rng.choice(specs)
+            geometry, seed = rng.randrange(URZA_GEOMETRIES), rng.randrange(seeds)
+            target = KernelTarget(
+                layer_kind=LayerKind.LINEAR,
+                in_features=8 + geometry,
+                out_features=16,
+                channel_dim=-1,
+                spatial_dims=0,
+            )
+            started = time.perf_counter()
+            request = find_or_enqueue(library, spec, target, init_seed=seed)
+            latencies.append((time.perf_counter() - started) * 1e3)
+            assert request.kernel is not None and request.kernel.init_seed == seed
+        p50s.append(percentile(latencies, 0.5))
+        print(f"{label:>10} {size:>9,} {p50s[-1]:>9.2f} {percentile(latencies, 0.99):>9.2f}")
+    print(f"{label:>10} fitted exponent of the p50: {fitted_exponent(sizes, p50s):.2f}")
+
+
+def urza_row(sizes: Sequence[int], lookups: int) -> None:
+    """``find_or_enqueue`` hits (blueprint + geometry + dtype + seed) vs kernels stored."""
+    print(f"\n## Urza find_or_enqueue hit vs kernels stored, {lookups} random lookups per size")
+    print(f"{'backend':>10} {'kernels':>9} {'p50 ms':>9} {'p99 ms':>9}")
+    with tempfile.TemporaryDirectory() as folder:
+        library = open_storage_library(run_dir=Path(folder))
+        assert isinstance(library, StorageLibrary)
+        try:
+            _urza_backend("sqlite", library, sizes, lookups)
+        finally:
+            library.close()
+        with _postgres_database() as url:
+            if url is None:
+                print("  postgresql: not reachable, skipped")
+                return
+            library = open_storage_library(metadata_url=url, blob_url=str(Path(folder) / "pg"))
+            assert isinstance(library, StorageLibrary)
+            try:
+                _urza_backend("postgresql", library, sizes, lookups)
+            finally:
+                library.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="wrap,urza,telemetry,tamiyo")
@@ -96,6 +237,8 @@ def main() -> None:
     rows = set(args.rows.split(","))
     if "wrap" in rows:
         wrap_row([64, 256, 1024] if args.quick else [256, 1024, 2048, 4096], 3 if args.quick else 7)
+    if "urza" in rows:
+        urza_row([1_000, 10_000] if args.quick else [1_000, 10_000, 100_000], 300)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ def _kernels(count: int) -> list[KernelMetadata]:
     kernels = []
     for i in range(count):
         target = factories.linear_target(16, 8 if i % 2 else 4)
-        _, metadata = factories.sized_artifact(2048, blueprint=SPEC, target=target, init_seed=i // 2)
+        _, metadata = factories.sized_artifact(
+            2048, blueprint=SPEC, target=target, init_seed=i // 2
+        )
         kernels.append(metadata)
     return kernels
 

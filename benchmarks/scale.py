@@ -44,6 +44,7 @@ from esper.tezzeret import find_or_enqueue
 from esper.urza import open_storage_library
 from esper.urza.sql_schema import kernels_table
 from esper.urza.storage_library import StorageLibrary
+from ratio_timer import compare
 
 
 def fitted_exponent(sizes: Sequence[float], times: Sequence[float]) -> float:
@@ -228,6 +229,52 @@ def urza_row(sizes: Sequence[int], lookups: int) -> None:
                 library.close()
 
 
+def _seeded_model(layers: int) -> tuple[esper.MorphableModel, torch.Tensor]:
+    model = esper.wrap(mlp(layers), seeds_per_layer=4, health_every=1)
+    x = torch.randn(32, 64)
+    model.step()
+    model(x).square().mean().backward()
+    return model, x
+
+
+def telemetry_row(sizes: Sequence[int], repeats: int) -> None:
+    """``collect_telemetry()`` per layer after a recorded forward and backward."""
+    print(f"\n## collect_telemetry() per layer (4 seeds per layer, grads present), {repeats} reads")
+    print(f"{'layers':>7} {'collect ms':>11} {'us/layer':>9}")
+    times = []
+    for layers in sizes:
+        model, x = _seeded_model(layers)
+        samples = []
+        for _ in range(repeats):
+            model(x)  # record again (sampling stays armed at health_every=1 after step())
+            samples.append(once(model.collect_telemetry))
+        times.append(statistics.median(samples))
+        print(f"{layers:>7} {times[-1] * 1e3:>11.2f} {times[-1] / layers * 1e6:>9.1f}")
+    print(f"fitted exponent of collect time: {fitted_exponent(sizes, times):.2f}")
+
+
+def telemetry_share(layers: int, pairs: int) -> None:
+    """Default telemetry's share of step time: ``health_every=10`` and a collect every 10 steps
+    vs the same wrapped model with ``health_every=0`` and no collect (10-step blocks, paired)."""
+    torch.manual_seed(0)
+    plain = esper.wrap(mlp(layers), seeds_per_layer=4, health_every=0)
+    telemetry = esper.wrap(mlp(layers), seeds_per_layer=4, health_every=10)
+    x = torch.randn(64, 64)
+
+    def block(model: esper.MorphableModel, collect: bool) -> None:
+        for _ in range(10):
+            model.step()
+            model(x).square().mean().backward()
+        if collect:
+            model.collect_telemetry()
+
+    result = compare(lambda: block(plain, False), lambda: block(telemetry, True), trials=pairs)
+    print(
+        f"default telemetry at {layers} seeded layers: step time x{result.ratio:.3f} "
+        f"(A/A {result.control:.3f}; 10-step block {result.baseline_us / 1e3:.1f} ms)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="wrap,urza,telemetry,tamiyo")
@@ -237,6 +284,9 @@ def main() -> None:
     rows = set(args.rows.split(","))
     if "wrap" in rows:
         wrap_row([64, 256, 1024] if args.quick else [256, 1024, 2048, 4096], 3 if args.quick else 7)
+    if "telemetry" in rows:
+        telemetry_row([64, 256, 1024] if args.quick else [64, 256, 1024, 4096], 15)
+        telemetry_share(256, 11 if args.quick else 31)
     if "urza" in rows:
         urza_row([1_000, 10_000] if args.quick else [1_000, 10_000, 100_000], 300)
 

@@ -7,7 +7,7 @@ layer is nearly all host work, so it is kept small:
 - the base layers' gradient norms are one fused ``_foreach_norm`` over every gradient of every
   layer, then one norm per row of a (layers, gradients per layer) matrix: a handful of device ops
   for the model, where each layer used to run its own (one norm per gradient, a stack, a norm);
-- every layer's accumulators and the norms go into one ``cat`` and are read with one ``tolist()``
+- every layer's accumulators and the norms go into one ``cat`` (of three) and are read with one ``tolist()``
   (invariant 5: one transfer per collection), then zeroed with one fused ``_foreach_zero_``;
 - the index tensors that place gradient norms are built once per set of layers with gradients and
   reused (no host-to-device copy on later collections);
@@ -27,6 +27,7 @@ import torch
 from esper.contracts import HealthSignal
 from esper.execution import seed_health
 from esper.execution.kasmina_layer import KasminaLayer
+from esper.execution.state_layout import LAYER_HEALTH_FIELDS, SEED_HEALTH_FIELDS
 
 _Placement = tuple[torch.Tensor, torch.Tensor, int]
 """(flat positions of the gradient norms in the padded matrix, rows with gradients, width)."""
@@ -62,19 +63,24 @@ class LayerHealthReader:
         if not layers:
             return []
         layouts = [layer.seed_layout for layer in layers]
-        accumulators = [t for layout in layouts for t in (layout.layer_health, layout.seed_health)]
-        flat = torch.cat([*(t.reshape(-1) for t in accumulators), self._grad_norms(layouts)])
+        layer_health = [layout.layer_health for layout in layouts]  # (4,) each
+        seed_rows = [layout.seed_health for layout in layouts]  # (N_i, 3) each
+        flat = torch.cat(
+            [torch.cat(layer_health), torch.cat(seed_rows).view(-1), self._grad_norms(layouts)]
+        )
         if reduce is not None:
             flat = reduce(flat)
         values = flat.tolist()  # the one transfer
-        grad_norms = values[len(values) - len(layers) :]
+        n_layer = len(LAYER_HEALTH_FIELDS)
+        seed_offset = n_layer * len(layers)
+        grad_offset = len(values) - len(layers)
         signals = []
-        offset = 0
-        for layer, layout, grad_norm in zip(layers, layouts, grad_norms, strict=True):
-            size = seed_health.health_tensor_size(layout.num_seeds) - 1
-            window = values[offset : offset + size]
-            window.append(grad_norm)
-            offset += size
+        for i, (layer, layout) in enumerate(zip(layers, layouts, strict=True)):
+            seed_size = layout.num_seeds * len(SEED_HEALTH_FIELDS)
+            window = values[n_layer * i : n_layer * (i + 1)]
+            window += values[seed_offset : seed_offset + seed_size]
+            window.append(values[grad_offset + i])
+            seed_offset += seed_size
             if _needs_quarantine(window, layout):
                 signals.append(layer.health_signal(window, step=step, timestamp=timestamp))
                 continue
@@ -88,7 +94,7 @@ class LayerHealthReader:
                     timestamp=timestamp,
                 )
             )
-        torch._foreach_zero_(accumulators)
+        torch._foreach_zero_([*layer_health, *seed_rows])
         return signals
 
     def _grad_norms(self, layouts: Sequence[seed_health.SeedStateLayout]) -> torch.Tensor:

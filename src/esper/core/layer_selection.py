@@ -88,9 +88,10 @@ def select_targets(model: nn.Module, target_layers: object) -> dict[int, list[st
     def supported(module: nn.Module) -> bool:
         return kind_of(module) is not None and id(module) not in inside_attention
 
+    by_suffix = _suffix_index(sites) if any(isinstance(s, str) for s in selectors) else {}
     chosen: set[int] = set()
     for selector in selectors:
-        matched = _match(selector, sites, modules)
+        matched = _match(selector, sites, modules, by_suffix)
         if isinstance(selector, type) or _kind_selector(selector) is not None:
             chosen.update(key for key in matched if supported(modules[key]))
             continue
@@ -145,8 +146,12 @@ def _kind_selector(selector: TargetSpec) -> str | None:
 
 
 def _match(
-    selector: TargetSpec, sites: Mapping[int, list[str]], modules: Mapping[int, nn.Module]
+    selector: TargetSpec,
+    sites: Mapping[int, list[str]],
+    modules: Mapping[int, nn.Module],
+    by_suffix: Mapping[str, list[int]],
 ) -> list[int]:
+    """Keys of the modules ``selector`` picks, in model order."""
     kind = _kind_selector(selector)
     if kind is not None:
         return [key for key, module in modules.items() if _kind_name(module) == kind]
@@ -154,12 +159,24 @@ def _match(
         return [key for key, module in modules.items() if isinstance(module, selector)]
     if isinstance(selector, re.Pattern):
         return [key for key, names in sites.items() if any(selector.fullmatch(n) for n in names)]
-    suffix = selector[1:] if selector.startswith(".") else selector
-    return [
-        key
-        for key, names in sites.items()
-        if any(n == suffix or n.endswith("." + suffix) for n in names)
-    ]
+    return list(by_suffix.get(selector[1:] if selector.startswith(".") else selector, ()))
+
+
+def _suffix_index(sites: Mapping[int, list[str]]) -> dict[str, list[int]]:
+    """Every dotted suffix of every name (``"a.b.c"``: ``"a.b.c"``, ``"b.c"``, ``"c"``) -> the keys
+    of the modules whose name is it or ends with ``"." + it``, in model order.
+
+    One dictionary lookup then answers a name selector, instead of testing every name (a wrap of
+    n named layers was O(n²)); a name ``n`` matches ``suffix`` exactly when ``suffix`` is ``n``
+    or one of its dotted tails.
+    """
+    index: dict[str, dict[int, None]] = {}
+    for key, names in sites.items():
+        for name in names:
+            parts = name.split(".")
+            for start in range(len(parts)):
+                index.setdefault(".".join(parts[start:]), {})[key] = None
+    return {suffix: list(keys) for suffix, keys in index.items()}
 
 
 def _kind_name(module: nn.Module) -> str | None:

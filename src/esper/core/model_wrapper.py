@@ -42,6 +42,7 @@ from esper.execution.arguments import (
 )
 from esper.execution.artifact_sources import ArtifactSource
 from esper.execution.fast_paths import has_hooks
+from esper.execution.health_collection import LayerHealthReader
 from esper.execution.seed_checkpoint import check_layer_slice
 from esper.operators.widen_api import WidenOperations
 
@@ -93,6 +94,7 @@ class MorphableModel(WidenOperations, nn.Module):
         self._remove_listeners: list[KernelListener] = []
         self._optimizers: list[torch.optim.Optimizer] = []
         self._step = 0
+        self._health: LayerHealthReader | None = None
         for layer in self._unique_layers():
             layer.attach(kernel_cache, self)
         self._bind_forward()
@@ -338,22 +340,12 @@ class MorphableModel(WidenOperations, nn.Module):
         """
         if reduce is not None and not callable(reduce):
             raise ArgumentTypeError(f"reduce must be callable or None, got {shown(reduce)}")
-        layers = list(self._unique_layers())
+        layers = tuple(self._unique_layers())
         if not layers:
             return []
-        accumulators = torch.cat([layer.health_tensor() for layer in layers])
-        if reduce is not None:
-            accumulators = reduce(accumulators)
-        flat = accumulators.tolist()  # one transfer
-        now = time.time()
-        signals = []
-        offset = 0
-        for layer in layers:
-            size = KasminaLayer.health_tensor_size(layer.num_seeds)
-            signals.append(
-                layer.health_signal(flat[offset : offset + size], step=self._step, timestamp=now)
-            )
-            offset += size
+        if self._health is None or self._health.layers != layers:
+            self._health = LayerHealthReader(layers)
+        signals = self._health.read(step=self._step, timestamp=time.time(), reduce=reduce)
         if self.telemetry_sink is not None:
             self.telemetry_sink.publish(signals)
         return signals

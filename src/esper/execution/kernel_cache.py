@@ -282,12 +282,20 @@ class KernelCache:
         self._evict_over_bounds(keep=kernel_id)
 
     def _evict_over_bounds(self, keep: str | None = None) -> None:
-        for candidate in list(self._entries):
-            if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
+        """Drop least recently used unpinned entries until both bounds hold.
+
+        Each victim is the first eligible entry in LRU order, found without copying the key
+        list (an insert used to copy every key: O(n) per insert, O(n²) to fill the cache).
+        """
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            victim = next(
+                (k for k in self._entries if k != keep and not self._pins[k]),
+                None,
+            )
+            if victim is None:
                 return
-            if candidate != keep and not self._pins[candidate]:
-                self._drop(candidate)
-                self._counters["evictions"] += 1
+            self._drop(victim)
+            self._counters["evictions"] += 1
 
     def _drop(self, kernel_id: str) -> None:
         entry = self._entries.pop(kernel_id)

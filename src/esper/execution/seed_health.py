@@ -7,13 +7,14 @@ sum of ordinary float16 activations never overflows; see :func:`accumulator_dtyp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from esper.contracts import HealthSignal, SeedHealth
+from esper.contracts import HealthSignal, SeedHealth, SeedState
 from esper.execution.fast_paths import flatten_units
 from esper.execution.state_layout import (
     LAYER_HEALTH_FIELDS,
@@ -40,15 +41,18 @@ def health_tensor(base: nn.Module, layout: SeedStateLayout) -> torch.Tensor:
 
     Layout: ``layer_health`` (4), ``seed_health`` (N*3), grad norm (1; -1 when no grads).
     """
-    grads = [p.grad for p in base.parameters() if p.grad is not None]
-    dtype = layout.layer_health.dtype
-    if grads:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.detach(), dtype=dtype) for g in grads])
-        ).reshape(1)
-    else:
-        grad_norm = torch.full((1,), -1.0, dtype=dtype, device=layout.layer_health.device)
-    return torch.cat([layout.layer_health, layout.seed_health.reshape(-1), grad_norm])
+    grads = [p.grad.detach() for p in base.parameters() if p.grad is not None]
+    return torch.cat(
+        [layout.layer_health, layout.seed_health.reshape(-1), grad_norm(grads, layout.layer_health)]
+    )
+
+
+def grad_norm(grads: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of ``grads`` together, shape (1,), in ``like``'s dtype and device (-1: none)."""
+    if not grads:
+        return torch.full((1,), -1.0, dtype=like.dtype, device=like.device)
+    norms = [torch.linalg.vector_norm(g, dtype=like.dtype) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1)
 
 
 def health_tensor_size(num_seeds: int) -> int:
@@ -67,6 +71,23 @@ def nonfinite_seeds(values: Sequence[float], num_seeds: int) -> list[int]:
     return [i for i in range(num_seeds) if not math.isfinite(_seed_values(values, i)[2])]
 
 
+@functools.lru_cache(maxsize=4096)
+def _idle_seed_health(
+    seed_idx: int, state: SeedState, alpha: float, kernel_id: str | None, error_count: int
+) -> SeedHealth:
+    """The record of a seed that recorded no forward in the window (dormant ones, mostly): the
+    same few values window after window, so one immutable instance serves them all."""
+    return SeedHealth(
+        seed_idx=seed_idx,
+        state=state,
+        alpha=alpha,
+        kernel_id=kernel_id,
+        contribution_rms=0.0,
+        nonfinite_output=False,
+        error_count=error_count,
+    )
+
+
 def build_health_signal(
     values: Sequence[float],
     slots: Sequence[SeedSlot],
@@ -81,6 +102,13 @@ def build_health_signal(
     seeds = []
     for seed_idx, slot in enumerate(slots):
         contribution_sq, recorded, output_sum = _seed_values(values, seed_idx)
+        if not recorded and output_sum == 0.0:
+            seeds.append(
+                _idle_seed_health(
+                    seed_idx, slot.state, slot.alpha, slot.kernel_id, slot.error_count
+                )
+            )
+            continue
         seeds.append(
             SeedHealth(
                 seed_idx=seed_idx,
@@ -92,7 +120,7 @@ def build_health_signal(
                 error_count=slot.error_count,
             )
         )
-    grad_norm = values[-1]
+    norm = values[-1]
     mean = mean_sum / samples if samples else 0.0
     variance = max(0.0, sq_mean_sum / samples - mean * mean) if samples else 0.0
     return HealthSignal(
@@ -104,6 +132,6 @@ def build_health_signal(
         output_mean=mean,
         output_std=variance**0.5,
         dead_fraction=min(1.0, max(0.0, dead_sum / samples)) if samples else 0.0,
-        grad_norm=grad_norm if grad_norm >= 0 else None,
+        grad_norm=norm if norm >= 0 else None,
         seeds=tuple(seeds),
     )

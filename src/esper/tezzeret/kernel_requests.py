@@ -60,22 +60,22 @@ def find_or_enqueue(
     """Find a kernel compiled from ``spec`` for ``target`` (same geometry, device, dtype and seed),
     or enqueue a compile job (deduplicated by the library) and return it.
 
+    A hit reads the library and writes nothing (two indexed reads on a SQL library).
+
     Raises:
         BlueprintValidationError: the blueprint was already found invalid.
     """
     record = library.submit_blueprint(spec)
     if record.status is BlueprintStatus.INVALID:
         raise BlueprintValidationError(spec, target, record.reason or "marked invalid")
-    matches = [
-        kernel
-        for kernel in library.find_kernels(
-            blueprint_id=record.blueprint_id,
-            target=target,
-            device=target.device,
-            dtype=target.dtype,
-        )
-        if kernel.init_seed == init_seed
-    ]
+    matches = library.find_kernels(
+        blueprint_id=record.blueprint_id,
+        target=target,
+        device=target.device,
+        dtype=target.dtype,
+        init_seed=init_seed,
+        limit=1,
+    )
     if matches:
         return KernelRequest(blueprint_id=record.blueprint_id, kernel=matches[0])
     job = library.enqueue_job(record.blueprint_id, target, init_seed=init_seed)

@@ -71,6 +71,7 @@ class KernelQuery(WireModel):
     target: KernelTarget | None = None
     device: DeviceName | None = None
     dtype: DtypeName | None = None
+    init_seed: InitSeed | None = None
     limit: PageLimit = MAX_PAGE_SIZE
     offset: PageOffset = 0
 

@@ -306,6 +306,7 @@ class HttpUrza:
         target: KernelTarget | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        init_seed: int | None = None,
         limit: int | None = None,
         offset: int = 0,
     ) -> list[KernelMetadata]:
@@ -320,6 +321,7 @@ class HttpUrza:
                 target=target,
                 device=device,
                 dtype=dtype,
+                init_seed=init_seed,
                 limit=page_limit,
                 offset=page_offset,
             )

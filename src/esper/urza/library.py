@@ -114,6 +114,7 @@ class ArtifactLibrary(Protocol):
         target: KernelTarget | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        init_seed: int | None = None,
         limit: int | None = None,
         offset: int = 0,
     ) -> list[KernelMetadata]:
@@ -126,6 +127,7 @@ class ArtifactLibrary(Protocol):
                 dims; see :meth:`KernelTarget.same_geometry`), whatever its dtype and device.
             device: built for this device (``metadata.target.device``).
             dtype: with this dtype (``metadata.dtype``).
+            init_seed: initialised from this seed (``metadata.init_seed``).
         """
         ...
 

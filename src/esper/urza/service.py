@@ -218,6 +218,7 @@ def create_app(
             target=body.target,
             device=body.device,
             dtype=body.dtype,
+            init_seed=body.init_seed,
             limit=body.limit,
             offset=body.offset,
         )

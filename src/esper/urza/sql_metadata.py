@@ -1,7 +1,7 @@
 """SQL metadata store: blueprint and kernel rows in SQLite or PostgreSQL (SQLAlchemy 2 Core).
 
-A :class:`SqlMetadataStore` opens the database named by its URL, creates the schema
-(:mod:`esper.urza.sql_schema`) and carries the compile-job queue on the same engine
+A :class:`SqlMetadataStore` opens the database named by its URL, creates or upgrades the schema
+(:mod:`esper.urza.sql_schema`, :mod:`esper.urza.sql_migrations`) and carries the compile-job queue on the same engine
 (:class:`~esper.urza.sql_jobs.SqlJobQueue`, as ``store.jobs``). It stores rows only: checking
 ids, digests and write order is the library's work (:mod:`esper.urza.storage_library`).
 """
@@ -22,10 +22,10 @@ from esper.contracts import (
     KernelTarget,
 )
 from esper.urza.sql_jobs import SqlJobQueue
+from esper.urza.sql_migrations import create_or_upgrade_schema
 from esper.urza.sql_schema import (
     blueprints_table,
     create_engine_for,
-    create_schema,
     database_url,
     insert_ignoring_duplicates,
     jobs_table,
@@ -55,7 +55,7 @@ class SqlMetadataStore:
     def __init__(self, url: str) -> None:
         self._url = database_url(url)
         self.engine = create_engine_for(self._url)
-        create_schema(self.engine)
+        create_or_upgrade_schema(self.engine)
         self.jobs = SqlJobQueue(self.engine)
 
     @property
@@ -82,8 +82,18 @@ class SqlMetadataStore:
     def insert_blueprint(
         self, *, spec: BlueprintSpec, name: str | None, now: float
     ) -> BlueprintRecord:
-        """Insert a blueprint unless present; fill a missing name; return the stored record."""
+        """Insert a blueprint unless present; fill a missing name; return the stored record.
+
+        A blueprint already stored (with a name, or none asked for) is answered by one read:
+        resubmitting a known blueprint, as every kernel lookup does, writes nothing.
+        """
         blueprint_id = spec.blueprint_id
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(blueprints_table).where(blueprints_table.c.blueprint_id == blueprint_id)
+            ).first()
+        if row is not None and (name is None or row.name is not None):
+            return _blueprint_from_row(row)
         with self.engine.begin() as conn:
             insert_ignoring_duplicates(
                 conn,
@@ -183,6 +193,7 @@ class SqlMetadataStore:
                     "size_bytes": metadata.size_bytes,
                     "metadata_json": metadata.model_dump_json(),
                     "created_at": now,
+                    "init_seed": metadata.init_seed,
                 },
             )
             stored = conn.execute(
@@ -207,10 +218,14 @@ class SqlMetadataStore:
         target: KernelTarget | None,
         device: str | None,
         dtype: str | None,
+        init_seed: int | None = None,
         limit: int | None = None,
         offset: int = 0,
     ) -> list[KernelMetadata]:
-        """Kernels matching every given filter, oldest first (``limit`` rows after ``offset``)."""
+        """Kernels matching every given filter, oldest first (``limit`` rows after ``offset``).
+
+        With every filter given, the query walks :data:`~esper.urza.sql_schema.kernel_lookup_index`
+        (O(log n) in the kernels stored)."""
         columns = kernels_table.c
         query = (
             select(columns.metadata_json)
@@ -231,6 +246,8 @@ class SqlMetadataStore:
             query = query.where(columns.device == device)
         if dtype is not None:
             query = query.where(columns.dtype == dtype)
+        if init_seed is not None:
+            query = query.where(columns.init_seed == init_seed)
         with self.engine.connect() as conn:
             return [KernelMetadata.model_validate_json(stored) for stored in conn.scalars(query)]
 

@@ -1,8 +1,8 @@
-"""SQL schema of the library: its three tables, the accepted database URLs, engine and schema setup.
+"""SQL schema of the library: its tables and indexes, the accepted database URLs, engine setup.
 
-Blueprint, kernel and compile-job rows live in tables prefixed ``urza_``, created when a store is
-opened (``create_all``; concurrent openers on PostgreSQL are serialized by an advisory lock).
-SQLite runs in WAL mode with a 30 s busy timeout so several processes and threads can share one
+Blueprint, kernel and compile-job rows live in tables prefixed ``urza_``; ``urza_schema_version``
+records which version of this schema a database holds. They are created, or an older library
+upgraded in place, when a store is opened (:mod:`esper.urza.sql_migrations`). SQLite runs in WAL mode with a 30 s busy timeout so several processes and threads can share one
 file. SQLAlchemy and the database drivers are imported with this module, never by
 ``import esper.urza``.
 """
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Column,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -28,14 +29,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError
 
 from esper.errors import ConfigurationError
 
 ACCEPTED_SCHEMES = ("sqlite:///<path>", "postgresql://<user>@<host>:<port>/<database>")
-
-_SCHEMA_LOCK_KEY = 7405217
-"""PostgreSQL advisory-lock key held while the schema is created."""
 
 schema = MetaData()
 
@@ -64,7 +62,34 @@ kernels_table = Table(
     Column("size_bytes", BigInteger, nullable=False),
     Column("metadata_json", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    # schema version 2: the seed the kernel was initialised from (also in metadata_json), so a
+    # lookup finds its kernel by index instead of reading every seed's row
+    Column("init_seed", BigInteger, nullable=False, server_default=text("0")),
 )
+
+kernel_lookup_index = Index(
+    "ix_urza_kernels_lookup",
+    kernels_table.c.blueprint_id,
+    kernels_table.c.in_features,
+    kernels_table.c.out_features,
+    kernels_table.c.channel_dim,
+    kernels_table.c.spatial_dims,
+    kernels_table.c.device,
+    kernels_table.c.dtype,
+    kernels_table.c.init_seed,
+    kernels_table.c.created_at,
+    kernels_table.c.kernel_id,
+)
+"""The index a kernel lookup (blueprint, geometry, device, dtype, seed; oldest first) walks:
+O(log n) in the kernels stored, where filtering the rows of a blueprint one by one was O(n)."""
+
+schema_version_table = Table(
+    "urza_schema_version",
+    schema,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+"""One row per schema version applied to the database; the highest is its version."""
 
 jobs_table = Table(
     "urza_compile_jobs",
@@ -126,22 +151,6 @@ def create_engine_for(url: URL) -> Engine:
         cursor.close()
 
     return engine
-
-
-def create_schema(engine: Engine) -> None:
-    """Create the tables that do not exist yet (safe with concurrent openers)."""
-    if engine.dialect.name == "postgresql":
-        with engine.begin() as conn:
-            # CREATE TABLE races fail on PostgreSQL's catalogs: one opener at a time.
-            conn.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})"))
-            schema.create_all(conn)
-        return
-    try:
-        schema.create_all(engine)
-    except OperationalError as error:
-        if "already exists" not in str(error):
-            raise
-        schema.create_all(engine)  # another opener created a table first
 
 
 def insert_ignoring_duplicates(conn: Connection, table: Table, values: dict[str, Any]) -> int:

@@ -226,6 +226,7 @@ class StorageLibrary:
         target: KernelTarget | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        init_seed: int | None = None,
         limit: int | None = None,
         offset: int = 0,
     ) -> list[KernelMetadata]:
@@ -238,6 +239,7 @@ class StorageLibrary:
             target=target,
             device=device,
             dtype=dtype,
+            init_seed=None if init_seed is None else _check_init_seed(init_seed),
             limit=limit,
             offset=offset,
         )

@@ -22,13 +22,23 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "blueprints": {"contracts", "errors", "blueprints"},
     "execution": {"contracts", "errors", "blueprints", "execution"},
-    "core": {"contracts", "errors", "blueprints", "execution", "core"},
+    "operators": {"contracts", "errors", "blueprints", "execution", "operators"},
+    "core": {"contracts", "errors", "blueprints", "execution", "operators", "core"},
     "urza": {"contracts", "errors", "urza"},
     "oona": {"contracts", "errors", "oona"},
     "tasks": {"contracts", "errors", "tasks"},
     "tezzeret": {"contracts", "errors", "blueprints", "urza", "oona", "tezzeret"},
 }
-_BELOW_TAMIYO = {"contracts", "errors", "blueprints", "execution", "core", "urza", "oona"}
+_BELOW_TAMIYO = {
+    "contracts",
+    "errors",
+    "blueprints",
+    "execution",
+    "operators",
+    "core",
+    "urza",
+    "oona",
+}
 ALLOWED["tamiyo"] = _BELOW_TAMIYO | {"tezzeret", "tasks", "tamiyo"}
 ALLOWED["tolaria"] = ALLOWED["tamiyo"] | {"tolaria"}
 UNRESTRICTED = {"cli", "__init__"}

@@ -32,6 +32,7 @@ from esper.core.weight_merge import merge_kernels
 from esper.errors import ConfigurationError
 from esper.execution import KasminaLayer
 from esper.execution.layer_kinds import GraftPoint
+from esper.operators.growing_block import GrowingBlock, plain_growing_block
 
 FROZEN_KERNELS = "frozen_kernels"
 """Name of the child (and forward hook) that carries a layer's kept, unmergeable kernels."""
@@ -47,6 +48,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(module, KasminaLayer)
     }
     replace_modules(plain, replacements)
+    blocks = [m for m in plain.modules() if isinstance(m, GrowingBlock)]
+    replace_modules(plain, {id(block): plain_growing_block(block) for block in blocks})
     for encoder in plain.modules():
         if isinstance(encoder, nn.TransformerEncoder) and any(
             FROZEN_KERNELS in m._modules for m in encoder.modules()

@@ -1,0 +1,46 @@
+"""A small plain-PyTorch GPT (token embedding, N pre-LN blocks of causal attention + MLP, head),
+the host the DEEPEN tests grow."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.act = nn.GELU()
+        self.c_proj = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[1]  # x: (B, T, C)
+        mask = torch.triu(torch.ones(tokens, tokens, dtype=torch.bool, device=x.device), 1)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.c_proj(self.act(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """Embedding -> ``depth`` blocks -> LayerNorm -> vocabulary head."""
+
+    def __init__(self, vocab: int = 17, d_model: int = 16, heads: int = 2, depth: int = 2,
+                 context: int = 8) -> None:  # fmt: skip
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.position = nn.Parameter(torch.randn(context, d_model) * 0.1)
+        self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx) + self.position[: idx.shape[1]]  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))  # (B, T, vocab)

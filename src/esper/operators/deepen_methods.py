@@ -86,11 +86,13 @@ class DeepenMethods(nn.Module):
             ConfigurationError: a bad argument, or no block can be built there (the model is
                 unchanged); :class:`~esper.errors.UnknownLayerError` for an unknown name.
         """
-        return self._block_growth().deepen(
+        inserted = self._block_growth().deepen(
             after=after, into=into, index=index, init=init, blend_steps=blend_steps,
             copy_from=copy_from, hidden=hidden, activation=activation, norm=norm,
             output_projections=output_projections,
         )  # fmt: skip
+        self._keep_log()
+        return inserted
 
     def fossilize_block(self, block_id: int) -> None:
         """Keep an ACTIVE inserted block: it becomes an ordinary submodule of its stack."""
@@ -99,6 +101,7 @@ class DeepenMethods(nn.Module):
     def cull_block(self, block_id: int) -> None:
         """Remove a BLENDING or ACTIVE inserted block; the host is as it was before."""
         self._block_growth().cull(block_id)
+        self._keep_log()
 
     @property
     def inserted_blocks(self) -> list[InsertedBlock]:
@@ -116,8 +119,16 @@ class DeepenMethods(nn.Module):
         if growth is None:
             growth = BlockGrowth(self.model, cast(SeedEvents, self), type(self).plain_copy)
             object.__setattr__(self, "_growth", growth)
-            self.add_module(DEEPEN_LOG, DeepenLog(growth))
         return growth
+
+    def _keep_log(self) -> None:
+        """A ``deepen_log`` child while blocks are inserted, none otherwise (a model whose
+        insertions were all culled has the host's ``state_dict`` again)."""
+        growth = self._block_growth()
+        if growth.blocks and DEEPEN_LOG not in self._modules:
+            self.add_module(DEEPEN_LOG, DeepenLog(growth))
+        elif not growth.blocks and DEEPEN_LOG in self._modules:
+            del self._modules[DEEPEN_LOG]
 
     def _load_from_state_dict(
         self,
@@ -134,6 +145,7 @@ class DeepenMethods(nn.Module):
         log = state_dict.get(f"{prefix}{DEEPEN_LOG}._extra_state")
         if log is not None:
             self._block_growth().replay(log)
+            self._keep_log()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

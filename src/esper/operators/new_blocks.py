@@ -139,7 +139,7 @@ def stack_block(
         ConfigurationError: ``"fresh"`` and no output projection named in
             ``output_projections`` was found in the block.
     """
-    block = plain_copy(source)
+    block = structure_of(source, plain_copy)
     if init == "copy":
         return block
     _reinitialise(block)
@@ -160,8 +160,9 @@ def stack_block(
 
 
 def structure_of(source: nn.Module, plain_copy: PlainCopy) -> nn.Module:
-    """A block with ``source``'s structure (for a checkpoint to load weights into)."""
-    return plain_copy(source)
+    """A plain copy of ``source`` (also the structure a checkpoint loads weights into); a seeded
+    layer is copied from inside a container so that it, too, comes back as its base."""
+    return plain_copy(nn.Sequential(source))[0]
 
 
 def to_host(block: nn.Module, reference: nn.Module) -> nn.Module:

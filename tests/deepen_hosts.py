@@ -1,5 +1,5 @@
-"""A small plain-PyTorch GPT (token embedding, N pre-LN blocks of causal attention + MLP, head),
-the host the DEEPEN tests grow."""
+"""Hosts for the DEEPEN tests: a small plain-PyTorch GPT (token embedding, N pre-LN blocks of
+causal attention + MLP, head), MLPs with and without a container, and small CNNs."""
 
 from __future__ import annotations
 
@@ -44,3 +44,34 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))  # (B, T, vocab)
+
+
+class AttributeMLP(nn.Module):
+    """An MLP whose layers are plain attributes (no container to insert into)."""
+
+    def __init__(self, features: int = 6, width: int = 12, classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(features, width)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.fc1(x)))
+
+
+def sequential_mlp(features: int = 6, width: int = 12, classes: int = 3) -> nn.Sequential:
+    """``Linear -> ReLU -> Linear -> ReLU -> Linear`` with numeric keys."""
+    return nn.Sequential(
+        nn.Linear(features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, classes),
+    )  # fmt: skip
+
+
+def conv_net(dims: int = 1, channels: int = 4, classes: int = 3) -> nn.Sequential:
+    """Conv -> ReLU -> Conv -> ReLU -> global pool -> Linear, for (B, 2, L) or (B, 2, H, W)."""
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+    return nn.Sequential(
+        conv(2, channels, 3, padding=1), nn.ReLU(), conv(channels, channels, 3, padding=1),
+        nn.ReLU(), pool, nn.Flatten(), nn.Linear(channels, classes),
+    )  # fmt: skip

@@ -162,7 +162,8 @@ def stack_block(
 def structure_of(source: nn.Module, plain_copy: PlainCopy) -> nn.Module:
     """A plain copy of ``source`` (also the structure a checkpoint loads weights into); a seeded
     layer is copied from inside a container so that it, too, comes back as its base."""
-    return plain_copy(nn.Sequential(source))[0]
+    copied = plain_copy(nn.Sequential(source))
+    return next(iter(copied.children()))
 
 
 def to_host(block: nn.Module, reference: nn.Module) -> nn.Module:

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from deepen_hosts import GPT, AttributeMLP, conv_net, sequential_mlp
 from torch import nn
 
 import esper
+from deepen_hosts import GPT, AttributeMLP, conv_net, sequential_mlp
 
 Case = tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]
 

@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from deepen_hosts import GPT, AttributeMLP, sequential_mlp
 
 import esper
+from deepen_hosts import GPT, AttributeMLP, sequential_mlp
 from esper import SeedState
 from esper.errors import IllegalTransitionError, UnknownLayerError
 from esper.operators import GrowingBlock

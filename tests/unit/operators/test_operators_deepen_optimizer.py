@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from deepen_hosts import GPT
 from torch import nn
 
 import esper
+from deepen_hosts import GPT
 from esper.core import SEED_GROUP_KEY
 
 Factory = Callable[[list[dict[str, object]]], torch.optim.Optimizer]

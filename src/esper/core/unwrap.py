@@ -56,7 +56,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         ):
             encoder.use_nested_tensor = False
     leftovers = sorted(
-        {type(m).__qualname__ for m in plain.modules() if type(m).__module__.startswith("esper")}
+        {type(m).__qualname__ for m in plain.modules() if _is_esper_machinery(type(m))}
     )
     if leftovers:
         raise ConfigurationError(
@@ -64,6 +64,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             "traceable by torch.fx (a custom blueprint family's kernel?)"
         )
     return plain
+
+
+def _is_esper_machinery(kind: type) -> bool:
+    """A class of Esper's own machinery (the task hosts of ``esper.tasks`` are plain models)."""
+    return kind.__module__.startswith("esper") and not kind.__module__.startswith("esper.tasks")
 
 
 def plain_layer(layer: KasminaLayer) -> nn.Module:

@@ -75,3 +75,51 @@ def conv_net(dims: int = 1, channels: int = 4, classes: int = 3) -> nn.Sequentia
         conv(2, channels, 3, padding=1), nn.ReLU(), conv(channels, channels, 3, padding=1),
         nn.ReLU(), pool, nn.Flatten(), nn.Linear(channels, classes),
     )  # fmt: skip
+
+
+class DecoderLayer(nn.Module):
+    """An HF Llama-style decoder layer: RMSNorm, attention ending in ``o_proj``, a gated MLP
+    ending in ``down_proj``; called with keywords, returns a tuple."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(d_model)
+        self.heads = heads
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(d_model)
+        self.gate_proj = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.up_proj = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.down_proj = nn.Linear(2 * d_model, d_model, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor]:
+        b, t, c = hidden_states.shape  # (B, T, C)
+        q, k, v = self.qkv_proj(self.input_layernorm(hidden_states)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        h = hidden_states + self.o_proj(att.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
+        m = self.post_attention_layernorm(h)
+        h = h + self.down_proj(nn.functional.silu(self.gate_proj(m)) * self.up_proj(m))
+        return (h,)
+
+
+class LlamaStyle(nn.Module):
+    """``embed_tokens -> model.layers (keyword calls, tuple outputs) -> norm -> lm_head``."""
+
+    def __init__(self, vocab: int = 17, d_model: int = 16, heads: int = 2, depth: int = 2) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, d_model)
+        self.model.layers = nn.ModuleList(DecoderLayer(d_model, heads) for _ in range(depth))
+        self.model.norm = nn.RMSNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)  # (B, T, C)
+        t = input_ids.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        for layer in self.model.layers:
+            h = layer(hidden_states=h, attention_mask=mask)[0]
+        return self.lm_head(self.model.norm(h))  # (B, T, vocab)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from deepen_hosts import GPT, sequential_mlp
 from torch import nn
 from torch._dynamo.utils import counters
 
 import esper
+from deepen_hosts import GPT, sequential_mlp
 
 pytestmark = pytest.mark.slow
 

@@ -43,5 +43,7 @@ def test_deepen_an_hf_style_layer_list(init: str) -> None:
 def test_the_layer_list_is_offered_when_into_is_missing() -> None:
     model = esper.wrap(LlamaStyle(), seeds_per_layer=1)
 
-    with pytest.raises(esper.errors.ConfigurationError, match=r"stacks of this model: model\.layers"):
+    with pytest.raises(
+        esper.errors.ConfigurationError, match=r"stacks of this model: model\.layers"
+    ):
         model.deepen(index=1)

@@ -19,7 +19,9 @@ as the extra state of its ``deepen_log`` child).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,8 @@ from esper.operators.new_blocks import (
     structure_of,
     to_host,
 )
+
+logger = logging.getLogger(__name__)
 
 DEEPEN_GROUP = "deepen"
 """The layer name a deepen block's parameters join the optimizer under (tag ``deepen:<id>``)."""
@@ -151,6 +155,11 @@ class BlockGrowth:
         )
         self.blocks[block_id] = inserted
         self.events.kernel_grafted(DEEPEN_GROUP, block_id, growing.block)
+        logger.info(
+            "inserted block %d (%s, %s, %d parameters) at index %d; blending over %d steps",
+            block_id, init, recipe["family"], sum(p.numel() for p in block.parameters()),
+            point.index, blend_steps,
+        )  # fmt: skip
         return inserted
 
     def _residual_block(
@@ -207,6 +216,7 @@ class BlockGrowth:
         assert isinstance(growing, GrowingBlock)
         block_stacks.replace(inserted.stack, growing, growing.block)
         inserted.module = growing.block
+        logger.info("fossilized inserted block %d: now an ordinary submodule", block_id)
 
     def cull(self, block_id: int) -> None:
         """Remove a BLENDING or ACTIVE block: the host is the one it was before the insertion."""
@@ -215,6 +225,24 @@ class BlockGrowth:
         block_stacks.remove(inserted.stack, inserted.module, wrapped=inserted.wrapped)
         del self.blocks[block_id]
         self.events.kernel_removed(DEEPEN_GROUP, block_id, inserted.block)
+        logger.info("culled inserted block %d: the host is as before its insertion", block_id)
+
+    @contextmanager
+    def bypassed(self, block_id: int) -> Iterator[None]:
+        """Inside the ``with``, a BLENDING or ACTIVE block computes the identity (α = 0), e.g.
+        to judge it by an ablation on held-out data; its α is restored on exit."""
+        inserted = self.get(block_id)
+        growing = inserted.module
+        if not isinstance(growing, GrowingBlock):
+            raise ConfigurationError(
+                f"{_where(inserted)} is FOSSILIZED: it is part of the host and cannot be bypassed"
+            )
+        alpha = growing.alpha.clone()
+        growing.alpha.zero_()
+        try:
+            yield
+        finally:
+            growing.alpha.copy_(alpha)
 
     def get(self, block_id: int) -> InsertedBlock:
         """The live insertion ``block_id``; :class:`UnknownLayerError` if there is none."""

@@ -9,6 +9,7 @@ insertion log. A model that never deepens has neither, so its ``state_dict`` is 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 from torch import nn
@@ -102,6 +103,11 @@ class DeepenMethods(nn.Module):
         """Remove a BLENDING or ACTIVE inserted block; the host is as it was before."""
         self._block_growth().cull(block_id)
         self._keep_log()
+
+    def bypass_block(self, block_id: int) -> AbstractContextManager[None]:
+        """``with model.bypass_block(i):`` the block computes the identity (α = 0): evaluate
+        the model with and without it on held-out data to judge it (keep or cull)."""
+        return self._block_growth().bypassed(block_id)
 
     @property
     def inserted_blocks(self) -> list[InsertedBlock]:

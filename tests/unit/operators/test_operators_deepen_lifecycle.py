@@ -159,3 +159,23 @@ def test_two_blocks_in_one_stack_and_one_after_a_layer_coexist() -> None:
     model.cull_block(third.block_id)
     model.cull_block(first.block_id)
     assert torch.equal(model(_tokens()), before)
+
+
+def test_bypass_judges_a_block_by_ablation_and_restores_its_alpha() -> None:
+    torch.manual_seed(0)
+    model = esper.wrap(GPT(), seeds_per_layer=1)
+    host = model(_tokens())
+    inserted = model.deepen(into="blocks", index=1, init="copy", blend_steps=2)
+    model.step()
+    with_block = model(_tokens())
+
+    with model.bypass_block(inserted.block_id):
+        bypassed = model(_tokens())
+
+    assert torch.equal(bypassed, host)
+    assert torch.equal(model(_tokens()), with_block)
+    assert not torch.equal(with_block, host)
+    model.step()
+    model.fossilize_block(inserted.block_id)
+    with pytest.raises(esper.errors.ConfigurationError, match="FOSSILIZED"):
+        model.bypass_block(inserted.block_id).__enter__()

@@ -295,6 +295,7 @@ class BlockGrowth:
         entries = _check_log(log)
         if self.blocks:
             if _structure(self.log()) == _structure(log):
+                self._restore_progress(entries)
                 return
             raise StateDictError(
                 "the checkpoint's inserted blocks differ from this model's; load it into a fresh "
@@ -306,6 +307,16 @@ class BlockGrowth:
         for path in sorted(by_stack, key=lambda p: len(p.split(".")) if p else 0):
             self._replay_stack(path, sorted(by_stack[path], key=lambda e: e["index"]))
         self.next_id = max([int(log["next_id"]), *(e["id"] + 1 for e in entries)])
+
+    def _restore_progress(self, entries: list[dict[str, Any]]) -> None:
+        """Loading into the same insertions: take the checkpoint's lifecycle state and ramp
+        progress (α itself is a buffer and loads with the weights)."""
+        for entry in entries:
+            growing = self.blocks[entry["id"]].module
+            if isinstance(growing, GrowingBlock):
+                growing.state = SeedState[entry["state"]]
+                growing.blend_steps = entry["blend_steps"]
+                growing.blend_steps_done = entry["blend_steps_done"]
 
     def _replay_stack(self, path: str, entries: list[dict[str, Any]]) -> None:
         wrapped = None
@@ -328,7 +339,7 @@ class BlockGrowth:
                 template = originals[entry["template"]]
                 block = to_host(structure_of(template, self.plain_copy), template)
             else:
-                block = to_host(build_residual_block(entry["recipe"]), originals[0])
+                block = to_host(build_residual_block(entry["recipe"]), stack)
             module: nn.Module = block
             if entry["state"] != SeedState.FOSSILIZED.name:
                 growing = GrowingBlock(
@@ -354,9 +365,12 @@ def _position(modules: Sequence[nn.Module], module: nn.Module) -> int:
 
 def _structure(log: Mapping[str, Any]) -> list[tuple[Any, ...]]:
     return sorted(
-        (e["id"], e["stack"], e["index"], e["key"], str(e["recipe"]), e["template"])
+        (
+            e["id"], e["stack"], e["index"], e["key"], str(e["recipe"]), e["template"],
+            e["state"] == SeedState.FOSSILIZED.name,
+        )
         for e in log["blocks"]
-    )
+    )  # fmt: skip
 
 
 _ENTRY_KEYS = {

@@ -132,3 +132,37 @@ def test_a_malformed_deepen_log_is_refused_before_anything_changes() -> None:
         fresh.load_state_dict(checkpoint)
 
     assert list(fresh.state_dict()) == keys
+
+
+def test_reloading_an_earlier_checkpoint_into_the_same_model_rewinds_the_ramp() -> None:
+    model, _ = _fresh(0)
+    inserted = model.deepen(into="blocks", index=1, init="copy", blend_steps=4)
+    model.step()
+    model.step()
+    checkpoint = _round_trip(model.state_dict())
+    x, _ = _batch(0)
+    expected = model(x)
+    model.step()
+    model.step()  # ACTIVE now
+    assert inserted.state is SeedState.ACTIVE
+
+    model.load_state_dict(checkpoint)
+
+    assert inserted.state is SeedState.BLENDING
+    assert torch.equal(model(x), expected)
+    model.step()
+    assert inserted.module.alpha.item() == 0.75
+
+
+def test_a_fossilized_checkpoint_is_refused_by_the_same_model_still_blending() -> None:
+    model, _ = _fresh(0)
+    inserted = model.deepen(into="blocks", index=1, blend_steps=1)
+    blending = model.state_dict()
+    model.step()
+    model.fossilize_block(inserted.block_id)
+    fossilized = _round_trip(model.state_dict())
+    other, _ = _fresh(0)
+    other.load_state_dict(blending)
+
+    with pytest.raises(StateDictError, match="differ from this model's"):
+        other.load_state_dict(fossilized)

@@ -153,11 +153,12 @@ class LockstepGrowth:
         return [self.model.layer(name) for name in self.model.layer_names]
 
     def _structure_signature(self) -> tuple[tuple[str, int, str | None], ...]:
-        return tuple(
+        seeds = tuple(
             (layer.layer_name, seed_idx, slot.kernel_id if slot.state.runs_kernel else None)
             for layer in self._layers()
             for seed_idx, slot in enumerate(layer.seed_layout.slots)
-        )
+        )  # and inserted blocks (DEEPEN): an insertion or a cull changes the parameters
+        return seeds + tuple(("deepen", b.block_id, None) for b in self.model.inserted_blocks)
 
     # -- telemetry and DDP ---------------------------------------------------------------------
 
@@ -183,7 +184,9 @@ class LockstepGrowth:
             [
                 float(t.double().sum())
                 for name, t in state.items()
-                if t.numel() and not name.endswith(_RANK_LOCAL_BUFFERS)
+                if isinstance(t, torch.Tensor)  # not extra state (the deepen log)
+                and t.numel()
+                and not name.endswith(_RANK_LOCAL_BUFFERS)
             ]
             + [float(int(s)) for layer in self._layers() for s in layer.seed_states],
             dtype=torch.float64,

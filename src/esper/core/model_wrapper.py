@@ -44,6 +44,7 @@ from esper.execution.artifact_sources import ArtifactSource
 from esper.execution.fast_paths import has_hooks
 from esper.execution.health_collection import LayerHealthReader
 from esper.execution.seed_checkpoint import check_layer_slice
+from esper.operators.deepen_methods import DeepenMethods
 from esper.operators.widen_api import WidenOperations
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class TelemetrySink(Protocol):
         ...
 
 
-class MorphableModel(WidenOperations, nn.Module):
+class MorphableModel(WidenOperations, DeepenMethods):
     """A model whose targeted layers carry seeds; built by :func:`wrap`.
 
     Calling it runs the wrapped model unchanged (``forward`` is bound to the wrapped model's
@@ -75,6 +76,7 @@ class MorphableModel(WidenOperations, nn.Module):
     """
 
     morph_step: torch.Tensor
+    plain_copy = staticmethod(unwrap_model)  # DEEPEN's copy of a (seeded) block as plain torch
 
     def __init__(
         self,
@@ -244,6 +246,7 @@ class MorphableModel(WidenOperations, nn.Module):
             allowed = None if graftable is None else graftable.get(layer.layer_name, ())
             layer.advance(self._step, graftable=allowed)
         self.widenings.advance()
+        self._advance_blocks()
         return self._step
 
     def pending_loads(self) -> list[tuple[str, int, bool]]:

@@ -32,6 +32,7 @@ from esper.core.weight_merge import merge_kernels
 from esper.errors import ConfigurationError
 from esper.execution import KasminaLayer
 from esper.execution.layer_kinds import GraftPoint
+from esper.operators.growing_block import GrowingBlock, plain_growing_block
 
 FROZEN_KERNELS = "frozen_kernels"
 """Name of the child (and forward hook) that carries a layer's kept, unmergeable kernels."""
@@ -50,13 +51,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(module, KasminaLayer)
     }
     replace_modules(plain, replacements)
+    blocks = [m for m in plain.modules() if isinstance(m, GrowingBlock)]
+    replace_modules(plain, {id(block): plain_growing_block(block) for block in blocks})
     for encoder in plain.modules():
         if isinstance(encoder, nn.TransformerEncoder) and any(
             FROZEN_KERNELS in m._modules for m in encoder.modules()
         ):
             encoder.use_nested_tensor = False
     leftovers = sorted(
-        {type(m).__qualname__ for m in plain.modules() if type(m).__module__.startswith("esper")}
+        {type(m).__qualname__ for m in plain.modules() if _is_esper_machinery(type(m))}
     )
     if leftovers:
         raise ConfigurationError(
@@ -75,6 +78,11 @@ def shared_parameters(model: nn.Module) -> set[int]:
             if parameter is not None:
                 owners[id(parameter)] = owners.get(id(parameter), 0) + 1
     return {key for key, count in owners.items() if count > 1}
+
+
+def _is_esper_machinery(kind: type) -> bool:
+    """A class of Esper's own machinery (the task hosts of ``esper.tasks`` are plain models)."""
+    return kind.__module__.startswith("esper") and not kind.__module__.startswith("esper.tasks")
 
 
 def plain_layer(layer: KasminaLayer, *, mergeable: bool = True) -> nn.Module:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from esper.contracts import SeedState
 
 if TYPE_CHECKING:
-    from esper.core import MorphableModel, unwrap, wrap
+    from esper.core.model_wrapper import MorphableModel, unwrap, wrap
     from esper.execution import KasminaLayer
 
 __version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 A :class:`SqlMetadataStore` opens the database named by its URL, creates the schema
 (:mod:`esper.urza.sql_schema`) and carries the compile-job queue on the same engine
-(:class:`~esper.urza.sql_jobs.SqlJobQueue`, as ``store.jobs``). It stores rows only: checking
+(:class:`~esper.urza.sql_jobs.SqlJobQueue`, as ``store.jobs``) and the kernel aliases
+(:class:`~esper.urza.sql_aliases.SqlAliasStore`, as ``store.aliases``). It stores rows only: checking
 ids, digests and write order is the library's work (:mod:`esper.urza.storage_library`).
 """
 
@@ -21,6 +22,7 @@ from esper.contracts import (
     KernelMetadata,
     KernelTarget,
 )
+from esper.urza.sql_aliases import SqlAliasStore
 from esper.urza.sql_jobs import SqlJobQueue
 from esper.urza.sql_schema import (
     blueprints_table,
@@ -57,6 +59,7 @@ class SqlMetadataStore:
         self.engine = create_engine_for(self._url)
         create_schema(self.engine)
         self.jobs = SqlJobQueue(self.engine)
+        self.aliases = SqlAliasStore(self.engine)
 
     @property
     def url(self) -> str:

@@ -23,13 +23,18 @@ from esper.contracts import SeedState
 
 if TYPE_CHECKING:
     from esper.core.model_wrapper import MorphableModel, unwrap, wrap
-    from esper.execution import KasminaLayer
+    from esper.execution import KasminaLayer, KasminaStateLayout
 
 __version__ = "0.1.0"
 
+SeedLifecycleState = SeedState
+"""The reference design's name of :class:`SeedState` (the same enum)."""
+
 __all__ = [
     "KasminaLayer",
+    "KasminaStateLayout",
     "MorphableModel",
+    "SeedLifecycleState",
     "SeedState",
     "__version__",
     "configure_logging",
@@ -58,6 +63,7 @@ _HOMES = {
     "unwrap": "esper.core",
     "wrap": "esper.core",
     "KasminaLayer": "esper.execution",
+    "KasminaStateLayout": "esper.execution",
 }
 
 

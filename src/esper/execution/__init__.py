@@ -10,7 +10,7 @@ from esper.execution.kasmina_layer import KasminaLayer
 from esper.execution.kernel_cache import CachedKernel, KernelCache
 from esper.execution.layer_kinds import SUPPORTED_LAYER_TYPES, GraftPoint, LayerProfile
 from esper.execution.seed_lifecycle import SeedEvents
-from esper.execution.state_layout import SeedStateLayout
+from esper.execution.state_layout import KasminaStateLayout, SeedLifecycleState, SeedStateLayout
 
 __all__ = [
     "MAX_SEEDS_PER_LAYER",
@@ -21,8 +21,10 @@ __all__ = [
     "GraftPoint",
     "InMemoryArtifactSource",
     "KasminaLayer",
+    "KasminaStateLayout",
     "KernelCache",
     "LayerProfile",
     "SeedEvents",
+    "SeedLifecycleState",
     "SeedStateLayout",
 ]

@@ -56,7 +56,7 @@ class SqlAliasStore:
                     f"cannot tag kernel {kernel_id} as {name!r}: no such kernel in the library"
                 )
             values = {"name": name, "kernel_id": kernel_id, "updated_at": now}
-            if insert_ignoring_duplicates(conn, aliases_table, values):
+            if insert_ignoring_duplicates(conn, aliases_table, values) == 1:
                 return KernelAlias(**values)
             current = self._row(conn, name)
             if current is not None and current.kernel_id == kernel_id:

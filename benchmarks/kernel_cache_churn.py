@@ -1,4 +1,5 @@
-"""Kernel cache under churn: hit rate, evictions and bytes held when more kernels circulate than fit.
+"""Kernel cache under churn: hit rate, evictions and bytes held when more kernels circulate
+than fit.
 
 Run: ``python benchmarks/kernel_cache_churn.py [--requests 2000]`` (seconds). The design promises a
 ">95% hit rate". A hit rate is a property of the workload as much as of the cache, so several are

@@ -4,8 +4,11 @@ Quick start::
 
     import esper
     model = esper.wrap(model, seeds_per_layer=4)         # dormant seeds: outputs unchanged
-    await model.load_kernel("fc1", seed_idx=0, kernel_artifact_id=kernel_id)
-    output = model(inputs)                                # base + alpha * kernel
+    await model.load_kernel("fc1", seed_idx=0, kernel_artifact_id="kernel-001")  # an alias
+    output = model(inputs)                                # base + kernel (ACTIVE, alpha 1)
+
+Kernels come from the user's default library (``ESPER_URZA_URL``, else the embedded one in
+``ESPER_URZA_RUN_DIR``, default ``runs/urza``) unless ``wrap`` is given ``kernel_source=``.
 
 Importing ``esper`` imports only pydantic: torch and safetensors load with the first use of
 ``wrap``, ``unwrap``, ``MorphableModel`` or ``KasminaLayer`` (so ``esper --help`` answers at once),

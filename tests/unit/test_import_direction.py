@@ -1,5 +1,6 @@
-"""Imports flow one way: contracts <- blueprints <- execution <- core (which opens urza and oona
-for wrap's defaults); urza and oona import only contracts (and errors); tasks (datasets, hosts, evaluation) only contracts; tezzeret builds on
+"""Imports flow one way: contracts <- blueprints <- execution <- core (which opens urza and
+oona for wrap's defaults); urza and oona import only contracts (and errors); tasks (datasets,
+hosts, evaluation) only contracts; tezzeret builds on
 blueprints, urza and oona; tamiyo on everything below it but never tolaria or cli (and its runtime
 never imports its offline learning, ``tamiyo.learning``); tolaria on everything but cli.
 

@@ -37,7 +37,8 @@ def check_kernel_name(name: object) -> str:
     shown = repr(name)[:80]
     why = alias_problem(name) if isinstance(name, str) else f"got {type(name).__name__}"
     raise ConfigurationError(
-        f"kernel name {shown} is neither a kernel id (the sha256 of its artifact, 64 hex digits), an id prefix "
+        f"kernel name {shown} is neither a kernel id (the sha256 of its artifact, 64 hex digits), "
+        "an id prefix "
         f"(at least {MIN_ID_PREFIX_CHARS} of them) nor an alias: {why}"
     )
 

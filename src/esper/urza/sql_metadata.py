@@ -3,8 +3,8 @@
 A :class:`SqlMetadataStore` opens the database named by its URL, creates the schema
 (:mod:`esper.urza.sql_schema`) and carries the compile-job queue on the same engine
 (:class:`~esper.urza.sql_jobs.SqlJobQueue`, as ``store.jobs``) and the kernel aliases
-(:class:`~esper.urza.sql_aliases.SqlAliasStore`, as ``store.aliases``). It stores rows only: checking
-ids, digests and write order is the library's work (:mod:`esper.urza.storage_library`).
+(:class:`~esper.urza.sql_aliases.SqlAliasStore`, as ``store.aliases``). It stores rows only:
+checking ids, digests and write order is the library's work (:mod:`esper.urza.storage_library`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ def _model() -> nn.Module:
 
 
 def _wrap(model: nn.Module, **kwargs: object) -> esper.MorphableModel:
-    return esper.wrap(model, kernel_source=InMemoryArtifactSource(), **kwargs)  # type: ignore[arg-type]
+    source = InMemoryArtifactSource()
+    return esper.wrap(model, kernel_source=source, **kwargs)  # type: ignore[arg-type]
 
 
 def test_named_and_suffix_keys_override_the_defaults_of_their_layers() -> None:

@@ -4,8 +4,11 @@ Quick start::
 
     import esper
     model = esper.wrap(model, seeds_per_layer=4)         # dormant seeds: outputs unchanged
-    await model.load_kernel("fc1", seed_idx=0, kernel_artifact_id=kernel_id)
-    output = model(inputs)                                # base + alpha * kernel
+    await model.load_kernel("fc1", seed_idx=0, kernel_artifact_id="kernel-001")  # an alias
+    output = model(inputs)                                # base + kernel (ACTIVE, alpha 1)
+
+Kernels come from the user's default library (``ESPER_URZA_URL``, else the embedded one in
+``ESPER_URZA_RUN_DIR``, default ``runs/urza``) unless ``wrap`` is given ``kernel_source=``.
 
 Importing ``esper`` imports only pydantic: torch and safetensors load with the first use of
 ``wrap``, ``unwrap``, ``MorphableModel`` or ``KasminaLayer`` (so ``esper --help`` answers at once),
@@ -22,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 from esper.contracts import SeedState
 
 if TYPE_CHECKING:
-    from esper.core import MorphableModel, unwrap, wrap
+    from esper.core.model_wrapper import MorphableModel, unwrap, wrap
     from esper.execution import (
         KasminaLayer,
+        KasminaStateLayout,
         LayerGeometry,
         register_layer_kind,
         registered_layer_kinds,
@@ -33,10 +37,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+SeedLifecycleState = SeedState
+"""The reference design's name of :class:`SeedState` (the same enum)."""
+
 __all__ = [
     "KasminaLayer",
+    "KasminaStateLayout",
     "LayerGeometry",
     "MorphableModel",
+    "SeedLifecycleState",
     "SeedState",
     "__version__",
     "configure_logging",
@@ -68,6 +77,7 @@ _HOMES = {
     "unwrap": "esper.core",
     "wrap": "esper.core",
     "KasminaLayer": "esper.execution",
+    "KasminaStateLayout": "esper.execution",
     "LayerGeometry": "esper.execution",
     "register_layer_kind": "esper.execution",
     "registered_layer_kinds": "esper.execution",

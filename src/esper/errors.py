@@ -48,6 +48,10 @@ class KernelNotFoundError(EsperError, LookupError):
     """No artifact with the requested kernel id exists in the artifact source."""
 
 
+class AmbiguousKernelNameError(EsperError, LookupError):
+    """A kernel name (an id prefix) matches more than one kernel; give more of the id."""
+
+
 class KernelLoadError(EsperError):
     """A kernel could not be fetched, verified or built; the seed was returned to DORMANT."""
 

@@ -70,6 +70,8 @@ def test_the_run_folder_has_config_metrics_checkpoints_and_report(run_folder: Pa
     assert info["summary"]["grafts"] >= 1
     assert info["summary"]["final_parameters"] > info["initial_parameters"]
     assert info["warm_up_seconds"] > 0  # the run waited for its precompiles before step 1
+    cache = info["kernel_cache"]  # the run's kernel cache counters, as in the report
+    assert cache["misses"] >= 1 and 0.0 <= cache["hit_rate"] <= 1.0
     assert "compiled residual_mlp" in (run_folder / "tezzeret.log").read_text()
     checkpoints = sorted(p.name for p in (run_folder / "checkpoints").iterdir())
     assert checkpoints == ["epoch-0001", "epoch-0002", "epoch-0003"]

@@ -1,5 +1,6 @@
-"""Imports flow one way: contracts <- blueprints <- execution <- operators <- core; urza and oona import only
-contracts (and errors); tasks (datasets, hosts, evaluation) only contracts; tezzeret builds on
+"""Imports flow one way: contracts <- blueprints <- execution <- operators <- core (which opens
+urza and oona for wrap's defaults); urza and oona import only contracts (and errors); tasks
+(datasets, hosts, evaluation) only contracts; tezzeret builds on
 blueprints, urza and oona; tamiyo on everything below it but never tolaria or cli (and its runtime
 never imports its offline learning, ``tamiyo.learning``); tolaria on everything but cli.
 
@@ -23,7 +24,9 @@ ALLOWED: dict[str, set[str]] = {
     "blueprints": {"contracts", "errors", "blueprints"},
     "execution": {"contracts", "errors", "blueprints", "execution"},
     "operators": {"contracts", "errors", "blueprints", "execution", "operators"},
-    "core": {"contracts", "errors", "blueprints", "execution", "operators", "core"},
+    # core.sdk_defaults opens the user's default library (urza) and a telemetry bus (oona) when
+    # first used: esper.wrap(model) needs no source, esper.wrap(model, telemetry="redis://…").
+    "core": {"contracts", "errors", "blueprints", "execution", "operators", "core", "urza", "oona"},
     "urza": {"contracts", "errors", "urza"},
     "oona": {"contracts", "errors", "oona"},
     "tasks": {"contracts", "errors", "tasks"},

@@ -25,7 +25,7 @@ from esper.cli.parsing import (
     setting,
 )
 from esper.contracts import BlueprintSpec, BlueprintStatus
-from esper.errors import ConfigurationError
+from esper.errors import ConfigurationError, KernelNotFoundError
 from esper.tolaria.assignments import parse_assignment
 from esper.urza.settings import ServiceLimits
 
@@ -107,8 +107,20 @@ def add_parsers(commands: argparse._SubParsersAction[OneLineArgumentParser]) -> 
     kernels.set_defaults(handler=_kernel_list)
     show = kernel.add_parser("show", help="a kernel's metadata as JSON")
     _add_library_options(show)
-    show.add_argument("kernel_id")
+    show.add_argument("kernel_id", help="a kernel id, a unique id prefix or an alias")
     show.set_defaults(handler=_kernel_show)
+    tag = kernel.add_parser("tag", help="name a kernel (an alias, like a git tag)")
+    _add_library_options(tag)
+    tag.add_argument("name", help="the alias, e.g. kernel-001 (not all hex digits)")
+    tag.add_argument("kernel", help="a kernel id, a unique id prefix or another alias")
+    tag.add_argument(
+        "--move", action="store_true", help="re-point the alias if it names another kernel"
+    )
+    tag.set_defaults(handler=_kernel_tag)
+    aliases = kernel.add_parser("aliases", help="list kernel aliases")
+    _add_library_options(aliases)
+    aliases.add_argument("--kernel", default=None, help="only the aliases of this kernel")
+    aliases.set_defaults(handler=_kernel_aliases)
 
 
 def _add_library_options(parser: argparse.ArgumentParser) -> None:
@@ -274,8 +286,50 @@ def _kernel_list(args: argparse.Namespace) -> int:
 def _kernel_show(args: argparse.Namespace) -> int:
     library = _open_library(args, create=False)
     try:
-        metadata = library.get_kernel_metadata(args.kernel_id)
+        metadata = library.get_kernel_metadata(library.resolve_kernel(args.kernel_id))
     finally:
         library.close()
     console.print_json(metadata.model_dump_json())
+    return 0
+
+
+def _kernel_tag(args: argparse.Namespace) -> int:
+    library = _open_library(args, create=False)
+    try:
+        kernel_id = library.resolve_kernel(args.kernel)
+        previous = _alias_target(library, args.name)
+        alias = library.tag_kernel(args.name, kernel_id, move=args.move)
+    finally:
+        library.close()
+    moved = previous is not None and previous != alias.kernel_id
+    change = f" (moved from {previous})" if moved else ""
+    print_line(f"{alias.name} -> {alias.kernel_id}{change}")
+    return 0
+
+
+def _alias_target(library: ArtifactLibrary, name: str) -> str | None:
+    """The kernel the alias ``name`` names now, or ``None`` (also for a name that is no alias)."""
+    from esper.contracts.kernel_aliases import alias_problem
+
+    if alias_problem(name) is not None:
+        return None  # tag_kernel says why
+    try:
+        return library.resolve_kernel(name)
+    except KernelNotFoundError:
+        return None
+
+
+def _kernel_aliases(args: argparse.Namespace) -> int:
+    library = _open_library(args, create=False)
+    try:
+        kernel_id = library.resolve_kernel(args.kernel) if args.kernel else None
+        found = library.list_aliases(kernel_id=kernel_id)
+    finally:
+        library.close()
+    table = Table(title=f"kernel aliases ({len(found)})")
+    for column in ("alias", "kernel id"):
+        table.add_column(column)
+    for alias in found:
+        table.add_row(alias.name, alias.kernel_id)
+    console.print(table)
     return 0

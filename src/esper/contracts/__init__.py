@@ -7,6 +7,7 @@ from esper.contracts.control import (
     DecisionRefusal,
     RewardReport,
 )
+from esper.contracts.kernel_aliases import AliasName, KernelAlias
 from esper.contracts.kernels import (
     BlueprintSpec,
     KernelCharacterization,
@@ -50,6 +51,7 @@ __all__ = [
     "TRANSITIONS",
     "AdaptationAction",
     "AdaptationDecision",
+    "AliasName",
     "BlueprintRecord",
     "BlueprintSpec",
     "BlueprintStatus",
@@ -61,6 +63,7 @@ __all__ = [
     "Envelope",
     "HealthSignal",
     "HealthSignalBatch",
+    "KernelAlias",
     "KernelCharacterization",
     "KernelFailed",
     "KernelId",

@@ -19,7 +19,7 @@ from esper.execution.layer_kind_registry import (
 )
 from esper.execution.layer_kinds import LayerProfile, profile_layer
 from esper.execution.seed_lifecycle import SeedEvents
-from esper.execution.state_layout import SeedStateLayout
+from esper.execution.state_layout import KasminaStateLayout, SeedLifecycleState, SeedStateLayout
 
 __all__ = [
     "MAX_SEEDS_PER_LAYER",
@@ -29,11 +29,13 @@ __all__ = [
     "GraftPoint",
     "InMemoryArtifactSource",
     "KasminaLayer",
+    "KasminaStateLayout",
     "KernelCache",
     "LayerGeometry",
     "LayerKindSpec",
     "LayerProfile",
     "SeedEvents",
+    "SeedLifecycleState",
     "SeedStateLayout",
     "kind_of",
     "profile_layer",

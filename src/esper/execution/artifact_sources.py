@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Protocol
 
 from esper.blueprints import sha256_hex
-from esper.errors import ArgumentTypeError, ConfigurationError, KernelNotFoundError
+from esper.errors import (
+    AmbiguousKernelNameError,
+    ArgumentTypeError,
+    ConfigurationError,
+    KernelNotFoundError,
+)
 from esper.execution.arguments import shown
 
 _KERNEL_ID = re.compile(r"[0-9a-f]{64}")
@@ -63,6 +68,28 @@ class InMemoryArtifactSource:
         with self._lock:
             self._artifacts[kernel_id] = data
         return kernel_id
+
+    def resolve(self, name: str) -> str:
+        """The one stored kernel id that starts with ``name`` (6+ hex digits).
+
+        Raises:
+            KernelNotFoundError: no stored id starts with ``name`` (an in-memory source keeps
+                no aliases).
+            AmbiguousKernelNameError: several do.
+        """
+        with self._lock:
+            matches = [kernel_id for kernel_id in self._artifacts if kernel_id.startswith(name)]
+        if len(name) < 6 or not matches:
+            raise KernelNotFoundError(
+                f"no kernel {name!r} in this in-memory source: it keeps no aliases, and no stored "
+                "id starts with it (an id prefix needs at least 6 hex digits)"
+            )
+        if len(matches) > 1:
+            raise AmbiguousKernelNameError(
+                f"kernel id prefix {name!r} matches {len(matches)} kernels in this in-memory "
+                "source; give more digits of the id"
+            )
+        return matches[0]
 
     def fetch(self, kernel_id: str) -> bytes:
         """The stored bytes for ``kernel_id``."""

@@ -263,6 +263,20 @@ class SeedLifecycle(nn.Module):
             )
         self.seed_layout.set_alpha(seed_idx, value)
 
+    def activate(self, seed_idx: int) -> None:
+        """End a BLENDING seed's ramp now (-> ACTIVE at alpha 1): the next forward runs the
+        kernel fully (inference-time grafting)."""
+        seed_idx = self._seed(seed_idx)
+        check_transition(
+            self.seed_layout.slots[seed_idx].state, SeedState.ACTIVE, where=self._where(seed_idx)
+        )
+        if self.seed_layout.slots[seed_idx].state is not SeedState.BLENDING:
+            raise ConfigurationError(
+                f"{self._where(seed_idx)} is {self.seed_layout.slots[seed_idx].state.name}: "
+                "only a BLENDING seed can be activated"
+            )
+        self._ramp(seed_idx, self.blend_steps)
+
     # -- step boundaries -----------------------------------------------------------------------
 
     def advance(self, step: int, *, graftable: Collection[int] | None = None) -> None:

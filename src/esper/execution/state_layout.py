@@ -169,3 +169,10 @@ class SeedStateLayout(nn.Module):
 
     def extra_repr(self) -> str:
         return "states=[" + ", ".join(s.state.name for s in self.slots) + "]"
+
+
+KasminaStateLayout = SeedStateLayout
+"""The reference design's name of :class:`SeedStateLayout` (same class)."""
+
+SeedLifecycleState = SeedState
+"""The reference design's name of :class:`esper.contracts.SeedState` (same enum)."""

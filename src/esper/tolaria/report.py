@@ -129,6 +129,20 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _cache_line(cache: Any) -> list[str]:
+    """The kernel cache's counters of the run (``run.json``'s ``kernel_cache``), if recorded."""
+    if not isinstance(cache, dict) or "hits" not in cache:
+        return []
+    requests = cache["hits"] + cache["misses"] + cache.get("coalesced", 0)
+    return [
+        "",
+        f"Kernel cache: {requests} requests, {cache['hits']} hits, {cache['misses']} misses, "
+        f"{cache.get('coalesced', 0)} joined a load in flight (hit rate "
+        f"{_fmt(cache.get('hit_rate'), 3)}), {cache['evictions']} evictions; "
+        f"{cache['bytes']} of {cache['max_bytes']} bytes held.",
+    ]
+
+
 def write_report(path: str | Path, *, compare: Sequence[str | Path] = ()) -> Path:
     """(Re)generate ``report.md`` and ``plots/`` of the run folder at ``path``.
 
@@ -209,6 +223,7 @@ def write_report(path: str | Path, *, compare: Sequence[str | Path] = ()) -> Pat
             else ""
         )
         + ".",
+        *_cache_line(info.get("kernel_cache")),
         "",
         "![loss and score](plots/loss_score.png)",
         "",

@@ -448,6 +448,8 @@ def _close_run(
     if growth is not None:
         folder.write_info(growth_counters=growth.counters())
         growth.close()
+    cache = model.kernel_cache.stats()
+    folder.write_info(kernel_cache={**cache.model_dump(mode="json"), "hit_rate": cache.hit_rate})
     model.kernel_cache.close()
     observer.on_end(status=status)
     if status != "failed" and is_main:

@@ -105,6 +105,21 @@ class JobFailure(WireModel):
     error: Text
 
 
+class AliasRequest(WireModel):
+    """Body of ``PUT /aliases/{name}``: the kernel the alias is to name, and whether an alias
+    naming another kernel may be moved."""
+
+    kernel_id: KernelId
+    move: bool = False
+
+
+class ResolvedName(WireModel):
+    """Answer of ``GET /resolve?name=…``: the kernel id a name stands for."""
+
+    name: str
+    kernel_id: KernelId
+
+
 class ErrorBody(WireModel):
     """Body of every error the service raises itself: the error class name and its message."""
 

@@ -51,6 +51,15 @@ class UrzaArtifactSource:
         )
         return data
 
+    def resolve(self, name: str) -> str:
+        """The kernel id ``name`` (an id, a unique id prefix or an alias) stands for.
+
+        Raises:
+            KernelNotFoundError: nothing goes by that name (the message names it).
+            AmbiguousKernelNameError: the id prefix matches several kernels.
+        """
+        return self.library.resolve_kernel(name)
+
     def close(self) -> None:
         """Close the library if this source owns it."""
         if self._owns_library:

@@ -9,6 +9,7 @@ raises the same class again on the client side (see :data:`WIRE_ERRORS`).
 from __future__ import annotations
 
 from esper.errors import (
+    AmbiguousKernelNameError,
     ArtifactFormatError,
     ArtifactIntegrityError,
     BlueprintError,
@@ -24,6 +25,10 @@ class BlueprintNotFoundError(EsperError, LookupError):
 
 class JobNotFoundError(EsperError, LookupError):
     """No compile job with the requested id exists in the library."""
+
+
+class AliasConflictError(EsperError):
+    """An alias already names another kernel; moving it must be asked for (``move=True``)."""
 
 
 class JobStateError(EsperError):
@@ -74,6 +79,8 @@ service's size limit. A compile worker fails the job with the reason instead of 
 WIRE_ERRORS: dict[str, type[EsperError]] = {
     cls.__name__: cls
     for cls in (
+        AliasConflictError,
+        AmbiguousKernelNameError,
         ArtifactFormatError,
         ArtifactIntegrityError,
         ArtifactTooLargeError,

@@ -11,7 +11,9 @@ here as the same class. httpx is imported with this module, never by ``import es
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
@@ -25,6 +27,7 @@ from esper.contracts import (
     BlueprintStatus,
     CompileJob,
     CompileJobStatus,
+    KernelAlias,
     KernelMetadata,
     KernelTarget,
     LibraryStats,
@@ -34,6 +37,7 @@ from esper.errors import ConfigurationError, EsperError
 from esper.urza.api_models import (
     METADATA_HEADER,
     TOKEN_ENV,
+    AliasRequest,
     BlueprintStatusChange,
     BlueprintSubmission,
     ClaimRequest,
@@ -41,6 +45,7 @@ from esper.urza.api_models import (
     JobFailure,
     JobRequest,
     KernelQuery,
+    ResolvedName,
     WireModel,
     encode_metadata_header,
 )
@@ -52,6 +57,7 @@ from esper.urza.errors import (
     AuthenticationError,
     LibraryUnavailableError,
 )
+from esper.urza.kernel_names import check_alias_name, check_kernel_name
 from esper.urza.library import DEFAULT_LEASE_SECONDS
 from esper.urza.pagination import MAX_PAGE_SIZE, check_page
 from esper.urza.settings import ServiceLimits
@@ -62,6 +68,9 @@ _BLUEPRINTS = TypeAdapter(list[BlueprintRecord])
 _KERNELS = TypeAdapter(list[KernelMetadata])
 _JOBS = TypeAdapter(list[CompileJob])
 _MAYBE_JOB = TypeAdapter(CompileJob | None)
+_ALIASES = TypeAdapter(list[KernelAlias])
+_KERNEL_ID = re.compile(r"[0-9a-f]{64}")
+logger = logging.getLogger(__name__)
 
 
 def _body(model: type[WireModel], **fields: Any) -> dict[str, Any]:
@@ -329,6 +338,39 @@ class HttpUrza:
             return _KERNELS.validate_json(response.content)
 
         return self._pages(fetch, limit, offset)
+
+    # Kernel names -------------------------------------------------------------------------
+
+    def tag_kernel(self, name: str, kernel_id: str, *, move: bool = False) -> KernelAlias:
+        """Make the alias ``name`` name a stored kernel (``move=True`` to re-point it)."""
+        check_alias_name(name)
+        body = _body(AliasRequest, kernel_id=kernel_id, move=move)
+        response = self._request("PUT", f"/aliases/{name}", json=body)
+        return KernelAlias.model_validate_json(response.content)
+
+    def list_aliases(
+        self, *, kernel_id: str | None = None, limit: int | None = None, offset: int = 0
+    ) -> list[KernelAlias]:
+        """Aliases in name order, optionally only those of ``kernel_id`` (a page)."""
+        if kernel_id is not None:
+            check_content_id(kernel_id)
+
+        def fetch(page_limit: int, page_offset: int) -> list[KernelAlias]:
+            page: dict[str, Any] = {"limit": page_limit, "offset": page_offset}
+            if kernel_id is not None:
+                page["kernel_id"] = kernel_id
+            return _ALIASES.validate_json(self._request("GET", "/aliases", params=page).content)
+
+        return self._pages(fetch, limit, offset)
+
+    def resolve_kernel(self, name: str) -> str:
+        """The kernel id ``name`` stands for (asked of the service unless it is an id)."""
+        if _KERNEL_ID.fullmatch(check_kernel_name(name)):
+            return name
+        response = self._request("GET", "/resolve", params={"name": name})
+        kernel_id = ResolvedName.model_validate_json(response.content).kernel_id
+        logger.info("kernel name %r resolved to %s by %s", name, kernel_id, self.url)
+        return kernel_id
 
     # Compile jobs -------------------------------------------------------------------------
 

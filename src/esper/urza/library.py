@@ -18,6 +18,7 @@ from esper.contracts import (
     BlueprintStatus,
     CompileJob,
     CompileJobStatus,
+    KernelAlias,
     KernelMetadata,
     KernelTarget,
     LibraryStats,
@@ -128,6 +129,33 @@ class ArtifactLibrary(Protocol):
             device: built for this device (``metadata.target.device``).
             dtype: with this dtype (``metadata.dtype``).
             init_seed: initialised from this seed (``metadata.init_seed``).
+        """
+        ...
+
+    # Kernel names -------------------------------------------------------------------------
+
+    def tag_kernel(self, name: str, kernel_id: str, *, move: bool = False) -> KernelAlias:
+        """Make the alias ``name`` name the stored kernel ``kernel_id``; returns the alias.
+
+        Tagging a kernel with the alias it already has changes nothing. An alias that names
+        another kernel is moved only with ``move=True`` (logged), else
+        :class:`~esper.urza.errors.AliasConflictError`. Names follow
+        :func:`esper.contracts.kernel_aliases.alias_problem` (never all hex digits).
+        """
+        ...
+
+    def list_aliases(
+        self, *, kernel_id: str | None = None, limit: int | None = None, offset: int = 0
+    ) -> list[KernelAlias]:
+        """Aliases in name order, optionally only those naming ``kernel_id`` (a page)."""
+        ...
+
+    def resolve_kernel(self, name: str) -> str:
+        """The kernel id ``name`` stands for: a kernel id (returned as is), a unique id prefix
+        (6+ hex digits) or an alias (see :mod:`esper.urza.kernel_names`).
+
+        Raises :class:`~esper.errors.KernelNotFoundError` naming ``name`` when nothing matches,
+        :class:`~esper.errors.AmbiguousKernelNameError` for a prefix of several ids.
         """
         ...
 

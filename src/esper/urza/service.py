@@ -55,6 +55,7 @@ from esper.urza.api_models import (
 from esper.urza.errors import ArtifactTooLargeError
 from esper.urza.library import ArtifactLibrary
 from esper.urza.pagination import MAX_PAGE_SIZE
+from esper.urza.service_aliases import add_alias_routes
 from esper.urza.service_auth import RequireBearerToken, require_token
 from esper.urza.service_errors import (
     AnswerUnexpectedErrors,
@@ -365,6 +366,7 @@ def create_app(
         """Counts of what the library holds."""
         return library.stats()
 
+    add_alias_routes(app, library, authorized)  # kernel names: /aliases, /resolve
     return app
 
 

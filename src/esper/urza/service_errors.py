@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from esper.errors import (
+    AmbiguousKernelNameError,
     ArtifactFormatError,
     ArtifactIntegrityError,
     BlueprintError,
@@ -29,6 +30,7 @@ from esper.errors import (
 )
 from esper.urza.api_models import ErrorBody
 from esper.urza.errors import (
+    AliasConflictError,
     ArtifactRefusedError,
     ArtifactTooLargeError,
     BlueprintNotFoundError,
@@ -51,6 +53,8 @@ _STATUS_OF_ERROR: dict[type[EsperError], int] = {
     BlueprintNotFoundError: 404,
     JobNotFoundError: 404,
     JobStateError: 409,
+    AliasConflictError: 409,
+    AmbiguousKernelNameError: 409,
     ArtifactTooLargeError: 413,
     LibraryBusyError: 503,
     ArtifactRefusedError: 422,

@@ -1,9 +1,11 @@
 """SQL metadata store: blueprint and kernel rows in SQLite or PostgreSQL (SQLAlchemy 2 Core).
 
 A :class:`SqlMetadataStore` opens the database named by its URL, creates or upgrades the schema
-(:mod:`esper.urza.sql_schema`, :mod:`esper.urza.sql_migrations`) and carries the compile-job queue on the same engine
-(:class:`~esper.urza.sql_jobs.SqlJobQueue`, as ``store.jobs``). It stores rows only: checking
-ids, digests and write order is the library's work (:mod:`esper.urza.storage_library`).
+(:mod:`esper.urza.sql_schema`, :mod:`esper.urza.sql_migrations`) and carries the compile-job
+queue on the same engine (:class:`~esper.urza.sql_jobs.SqlJobQueue`, as ``store.jobs``) and the
+kernel aliases (:class:`~esper.urza.sql_aliases.SqlAliasStore`, as ``store.aliases``). It stores
+rows only: checking ids, digests and write order is the library's work
+(:mod:`esper.urza.storage_library`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from esper.contracts import (
     KernelMetadata,
     KernelTarget,
 )
+from esper.urza.sql_aliases import SqlAliasStore
 from esper.urza.sql_jobs import SqlJobQueue
 from esper.urza.sql_migrations import create_or_upgrade_schema
 from esper.urza.sql_schema import (
@@ -57,6 +60,7 @@ class SqlMetadataStore:
         self.engine = create_engine_for(self._url)
         create_or_upgrade_schema(self.engine)
         self.jobs = SqlJobQueue(self.engine)
+        self.aliases = SqlAliasStore(self.engine)
 
     @property
     def url(self) -> str:

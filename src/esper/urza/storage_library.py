@@ -10,6 +10,7 @@ the digest of every artifact it reads.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from esper.contracts import (
     BlueprintStatus,
     CompileJob,
     CompileJobStatus,
+    KernelAlias,
     KernelMetadata,
     KernelTarget,
     LibraryStats,
@@ -38,9 +40,12 @@ from esper.urza.content_ids import (
     verify_digest,
 )
 from esper.urza.errors import BlueprintNotFoundError
+from esper.urza.kernel_names import check_alias_name, resolve_kernel_name
 from esper.urza.library import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
 from esper.urza.pagination import check_page
 from esper.urza.sql_metadata import SqlMetadataStore
+
+logger = logging.getLogger(__name__)
 
 
 def _check_name(value: str | None, *, what: str) -> str:
@@ -242,6 +247,41 @@ class StorageLibrary:
             init_seed=None if init_seed is None else _check_init_seed(init_seed),
             limit=limit,
             offset=offset,
+        )
+
+    # Kernel names -------------------------------------------------------------------------
+
+    def tag_kernel(self, name: str, kernel_id: str, *, move: bool = False) -> KernelAlias:
+        """Make the alias ``name`` name a stored kernel (``move=True`` to re-point it)."""
+        check_alias_name(name)
+        check_content_id(kernel_id)
+        if not isinstance(move, bool):
+            raise ConfigurationError(f"move must be True or False, got {move!r:.40}")
+        previous = self.metadata.aliases.get(name=name)
+        alias = self.metadata.aliases.tag(
+            name=name, kernel_id=kernel_id, move=move, now=self._clock()
+        )
+        if previous is not None and previous.kernel_id != kernel_id:
+            logger.info("alias %r moved from kernel %s to %s", name, previous.kernel_id, kernel_id)
+        return alias
+
+    def list_aliases(
+        self, *, kernel_id: str | None = None, limit: int | None = None, offset: int = 0
+    ) -> list[KernelAlias]:
+        """Aliases by name, optionally only those of ``kernel_id`` (a page; ``None``: all)."""
+        if kernel_id is not None:
+            check_content_id(kernel_id)
+        limit, offset = check_page(limit, offset)
+        return self.metadata.aliases.find(kernel_id=kernel_id, limit=limit, offset=offset)
+
+    def resolve_kernel(self, name: str) -> str:
+        """The kernel id that ``name`` (an id, a unique id prefix or an alias) stands for."""
+        aliases = self.metadata.aliases
+        return resolve_kernel_name(
+            name,
+            alias=lambda alias: aliases.get(name=alias),
+            ids_with_prefix=lambda prefix: aliases.ids_with_prefix(prefix=prefix, limit=2),
+            where=f"the library at {self.metadata.url}",
         )
 
     # Compile jobs -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from esper.contracts import (
     DecisionRefusal,
     Envelope,
     HealthSignalBatch,
+    KernelAlias,
     KernelCharacterization,
     KernelFailed,
     KernelMetadata,
@@ -92,6 +93,7 @@ EXAMPLES: dict[type[Contract], dict[str, Any]] = {
         "error": "boom",
         "created_at": 1.0,
     },
+    KernelAlias: {"name": "kernel-001", "kernel_id": SHA, "updated_at": 1.0},
     LibraryStats: {
         "blueprints_by_status": {"valid": 1},
         "kernels": 1,

@@ -35,12 +35,26 @@ def model(source: InMemoryArtifactSource) -> esper.MorphableModel:
     )
 
 
-def test_load_kernel_awaits_without_blocking_and_grafts(
+def test_load_kernel_awaits_without_blocking_and_activates(
     model: esper.MorphableModel, kernel_for: KernelFor
 ) -> None:
     kernel_id = kernel_for(model, "2")
 
     kernel = asyncio.run(model.load_kernel("2", seed_idx=1, kernel_artifact_id=kernel_id))
+
+    assert model.seed_state("2", 1) is SeedState.ACTIVE
+    assert model.layer("2").kernel(1) is kernel
+    assert model.layer("2").seed_layout.slots[1].alpha == 1.0
+
+
+def test_load_kernel_for_training_grafts_at_alpha_zero(
+    model: esper.MorphableModel, kernel_for: KernelFor
+) -> None:
+    kernel_id = kernel_for(model, "2")
+
+    kernel = asyncio.run(
+        model.load_kernel("2", seed_idx=1, kernel_artifact_id=kernel_id, activate=False)
+    )
 
     assert model.seed_state("2", 1) is SeedState.BLENDING
     assert model.layer("2").kernel(1) is kernel

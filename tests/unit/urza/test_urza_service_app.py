@@ -41,7 +41,7 @@ def remote(client: TestClient) -> HttpUrza:
 
 
 def _concrete(path: str) -> str:
-    values = {"kernel_id": "a" * 64, "blueprint_id": "b" * 64, "job_id": "c" * 32}
+    values = {"kernel_id": "a" * 64, "blueprint_id": "b" * 64, "job_id": "c" * 32, "name": "k-1"}
     return re.sub(r"\{(\w+)(?::path)?\}", lambda m: values[m.group(1)], path)
 
 

@@ -1,14 +1,25 @@
 """One active seed vs a hand-written module computing the same thing (ratio).
 
-Run: ``python benchmarks/active_seed.py [--trials 31]``. The model is the MLP 784-512-512-10 with
-a rank-8 ``lowrank_adapter`` kernel ACTIVE (alpha 1) on its middle layer; the baseline is the same
-MLP whose middle layer is a hand-written ``base(x) + alpha * up(down(x))`` module sharing the same
-weights. Target on a 2-core CPU: <= 1.10 (eval forward and train forward+backward).
+Run: ``python benchmarks/active_seed.py [--trials 31] [--clock thread --threads 1]``. The model
+is the MLP 784-512-512-10 with a rank-8 ``lowrank_adapter`` kernel ACTIVE (alpha 1) on its middle
+layer; the baseline is the same MLP whose middle layer is a hand-written
+``base(x) + alpha * up(down(x))`` module sharing the same weights. Goal (issue 13): <= 1.05, eval
+forward and train forward+backward. The same model with its seed FOSSILIZED is then timed
+against its own ``unwrap()`` (goal: <= 1.05).
+
+``--clock thread`` times this thread's CPU time instead of wall time: on a CPU shared with other
+jobs the wall-clock A/A control swings by 10-30%, the thread clock's by a few percent.
+
+Guard variants measured on the way (thread clock, one thread, batch 32, layer alone): the old
+guard (sum, accumulate, three ops for a masked scale, ``nan_to_num`` of the whole output,
+``addcmul``) against the current one (sum, accumulate, ``isfinite``, one ``where``, ``addcmul``):
+two fewer forward ops and no ``nan_to_num`` in the backward graph.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch import nn
@@ -57,13 +68,28 @@ def active_model(batch: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=31)
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    runners = (("eval fwd", forward_eval), ("train fwd+bwd", forward_backward))
+    print(f"torch threads {torch.get_num_threads()}, clock {args.clock}")
     print("ratio = esper active seed / hand-written module")
+    fossilized = []
     for batch in (32, 256):
         model, hand, x = active_model(batch)
-        for mode, runner in (("eval fwd", forward_eval), ("train fwd+bwd", forward_backward)):
-            result = compare(runner(hand, x), runner(model, x), trials=args.trials)
+        for mode, runner in runners:
+            result = compare(runner(hand, x), runner(model, x), trials=args.trials, clock=clock)
             print(f"MLP 784-512-512-10 batch {batch:3d}, rank-8 seed  {mode:14s} {result.row()}")
+        model.fossilize("2", seed_idx=0)
+        fossilized.append((batch, model, model.unwrap(), x))
+    print("ratio = esper, seed FOSSILIZED / its own unwrap()")
+    for batch, model, plain, x in fossilized:
+        for mode, runner in runners:
+            result = compare(runner(plain, x), runner(model, x), trials=args.trials, clock=clock)
+            print(f"MLP 784-512-512-10 batch {batch:3d}, fossilized   {mode:14s} {result.row()}")
 
 
 if __name__ == "__main__":

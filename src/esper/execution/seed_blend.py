@@ -123,10 +123,21 @@ def blend(
         running: the running seeds.
         record: also add each seed's squared contribution to its health row (a sampled forward).
         on_fault: told about a kernel that failed; the blend goes on without it.
+
+    The kernels share one :class:`FiniteGradient` on their input: where one of them sends back
+    a non-finite gradient, the whole sum is zeroed there (the host's gradient stays finite; that
+    kernel is quarantined at the next telemetry read).
     """
+    if running and kernel_in.requires_grad:  # one gradient guard for all the kernels on trial
+        try:
+            kernel_in = FiniteGradient.apply(kernel_in)
+        except Exception as exc:  # an input the guard cannot take: no kernel runs on it
+            for seed_idx, *_ in running:
+                on_fault(seed_idx, exc)
+            return y
     for seed_idx, kernel, alpha, health, output_sum in running:
         try:  # everything done with a kernel's output is guarded: a fault bypasses the seed
-            k = kernel(FiniteGradient.apply(kernel_in) if kernel_in.requires_grad else kernel_in)
+            k = kernel(kernel_in)
             wide = _SUM_DTYPES.get(k.dtype)  # sum(dtype=None) costs a microsecond more
             k_sum = k.detach().sum() if wide is None else k.detach().sum(dtype=wide)
             output_sum.add_(k_sum)  # stays finite iff every output in the window was

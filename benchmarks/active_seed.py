@@ -44,13 +44,19 @@ class HandWrittenAdapter(nn.Module):
         return self.base(x) + self.alpha * self.up(self.down(x))
 
 
-def active_model(batch: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """(morphable model with one ACTIVE rank-8 seed, equivalent hand-written model, input)."""
+def active_model(
+    batch: int, activation: str = "identity"
+) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(morphable model with one ACTIVE rank-8 seed, equivalent hand-written model, input).
+
+    With an ``activation`` other than identity the hand-written model is not equivalent (it has
+    none); such a model serves only the fossilized-vs-``unwrap()`` rows (a kernel that cannot be
+    merged into the host's weights)."""
     torch.manual_seed(0)
     plain = mlp()
     source = InMemoryArtifactSource()
     model = esper.wrap(plain, target_layers=["2"], kernel_source=source, blend_steps=1)
-    spec = BlueprintSpec(family="lowrank_adapter", params={"rank": 8})
+    spec = BlueprintSpec(family="lowrank_adapter", params={"rank": 8, "activation": activation})
     data, _ = create_artifact(spec, model.layer("2").target(), init_seed=0)
     kernel = model.load_kernel_sync("2", seed_idx=0, kernel_artifact_id=source.add(data))
     model.step()
@@ -61,7 +67,8 @@ def active_model(batch: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     hand.load_state_dict(plain.state_dict())
     hand[2] = HandWrittenAdapter(hand[2], kernel.down, kernel.up, 1.0)
     x = torch.randn(batch, 784)
-    torch.testing.assert_close(model(x), hand(x))
+    if activation == "identity":
+        torch.testing.assert_close(model(x), hand(x))
     return model, hand, x
 
 
@@ -84,12 +91,15 @@ def main() -> None:
             result = compare(runner(hand, x), runner(model, x), trials=args.trials, clock=clock)
             print(f"MLP 784-512-512-10 batch {batch:3d}, rank-8 seed  {mode:14s} {result.row()}")
         model.fossilize("2", seed_idx=0)
-        fossilized.append((batch, model, model.unwrap(), x))
-    print("ratio = esper, seed FOSSILIZED / its own unwrap()")
-    for batch, model, plain, x in fossilized:
+        fossilized.append(("merged", batch, model, model.unwrap(), x))
+        model, _, x = active_model(batch, activation="gelu")
+        model.fossilize("2", seed_idx=0)
+        fossilized.append(("gelu, kept", batch, model, model.unwrap(), x))
+    print("ratio = esper, seed FOSSILIZED / its own unwrap() (which merges a linear kernel)")
+    for kind, batch, model, plain, x in fossilized:
         for mode, runner in runners:
             result = compare(runner(plain, x), runner(model, x), trials=args.trials, clock=clock)
-            print(f"MLP 784-512-512-10 batch {batch:3d}, fossilized   {mode:14s} {result.row()}")
+            print(f"MLP batch {batch:3d}, fossilized kernel ({kind:10s}) {mode:14s} {result.row()}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ kernel on trial (BLENDING or ACTIVE) is guarded:
 * a kernel that raises, or whose output the blend cannot use, is reported to ``on_fault`` and
   skipped for the rest of the forward.
 
-The guard costs, per seed, a sum, its accumulation, three 0-dim operations for the masked scale
-and one ``nan_to_num`` of the output on top of the ``addcmul`` that blends, and one
-:class:`FiniteGradient` per layer; measured alternatives are in ``benchmarks/active_seed.py``'s
-docstring.
+The guard costs, per seed, a sum, its accumulation and, without gradients, three 0-dim
+operations for a masked scale and one ``nan_to_num`` of the output (with gradients: ``isfinite``
+and one ``where``), on top of the ``addcmul`` that blends; and one :class:`FiniteGradient` per
+layer. Measured alternatives are in ``benchmarks/active_seed.py``'s docstring.
 
 A FOSSILIZED kernel has passed its trial and is kept for good: :func:`add_fossils` runs it as a
 plain module, ``y + alpha · kernel(u)`` with the same ``addcmul`` as ``unwrap()``'s frozen
@@ -147,8 +147,15 @@ def blend(
             # for a finite sum and NaN for an infinite or NaN one. Measured cheaper than
             # ``torch.where`` on an ``isfinite`` flag, whose 0-dim condition is broadcast
             # slowly on a CPU (2x at batch 32, 2.6x at batch 256: see active_seed.py).
-            scale = torch.nan_to_num(alpha + (k_sum - k_sum), nan=0.0)
-            k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+            # In training, ``where`` on the flag is the cheaper of the two once the backward is
+            # counted (nan_to_num's backward masks the gradient again; the scale already zeroes
+            # it): both give the same bits for a finite output.
+            if k.requires_grad:
+                scale = alpha
+                k = torch.where(k_sum.isfinite(), k, 0.0)
+            else:
+                scale = torch.nan_to_num(alpha + (k_sum - k_sum), nan=0.0)
+                k = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
             if record:
                 contribution_sq = (k.detach().to(health.dtype) * scale).square().mean()
                 health[:2].add_(torch.stack([contribution_sq, torch.ones_like(contribution_sq)]))

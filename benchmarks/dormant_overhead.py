@@ -1,6 +1,7 @@
 """Dormant-seed overhead: wrapped model with every seed dormant vs the plain model (ratio).
 
-Run: ``python benchmarks/dormant_overhead.py [--trials 31]``. Target on a 2-core CPU: <= 1.03 for
+Run: ``python benchmarks/dormant_overhead.py [--trials 31] [--clock thread --threads 1]``
+(``--clock thread``: this thread's CPU time, steadier on a shared machine; see ratio_timer). Target on a 2-core CPU: <= 1.03 for
 eval forward and for train forward+backward. If ``peft`` is installed, PEFT LoRA with its adapter
 disabled is measured on the same models, side by side.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import time
 from collections.abc import Callable
 
 import torch
@@ -93,7 +95,12 @@ def peft_disabled(model: nn.Module) -> nn.Module | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=31)
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; ratio = wrapped/plain")
     for title, factory, shape in CASES:
@@ -102,10 +109,14 @@ def main() -> None:
         peft_model = peft_disabled(plain)
         x = torch.randn(*shape)
         for mode, runner in (("eval fwd", forward_eval), ("train fwd+bwd", forward_backward)):
-            result: RatioResult = compare(runner(plain, x), runner(wrapped, x), trials=args.trials)
+            result: RatioResult = compare(
+                runner(plain, x), runner(wrapped, x), trials=args.trials, clock=clock
+            )
             line = f"{title:44s} {mode:14s} esper {result.row()}"
             if peft_model is not None:
-                peft_result = compare(runner(plain, x), runner(peft_model, x), trials=args.trials)
+                peft_result = compare(
+                    runner(plain, x), runner(peft_model, x), trials=args.trials, clock=clock
+                )
                 line += f" | peft-disabled {peft_result.ratio:6.3f}"
             print(line, flush=True)
 

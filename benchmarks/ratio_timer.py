@@ -27,17 +27,25 @@ class RatioResult:
         return f"{self.ratio:6.3f}  (A/A {self.control:5.3f})  base {self.baseline_us:9.1f} us"
 
 
-def _block(fn: Callable[[], object], iters: int) -> float:
-    start = time.perf_counter()
+Clock = Callable[[], float]
+"""``time.perf_counter`` (wall, the default) or ``time.thread_time`` (this thread's CPU time: on a
+machine shared with other jobs it leaves out time spent descheduled; use it with one torch thread,
+so all of the work runs on the timing thread)."""
+
+
+def _block(fn: Callable[[], object], iters: int, clock: Clock = time.perf_counter) -> float:
+    start = clock()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
-def calibrate(fn: Callable[[], object], target_s: float = 0.02) -> int:
+def calibrate(
+    fn: Callable[[], object], target_s: float = 0.02, clock: Clock = time.perf_counter
+) -> int:
     """Iterations per block so that one block of ``fn`` takes about ``target_s`` seconds."""
     fn()
-    one = _block(fn, 3)
+    one = _block(fn, 3, clock)
     return max(1, int(target_s / max(one, 1e-7)))
 
 
@@ -48,22 +56,23 @@ def compare(
     trials: int = 31,
     iters: int | None = None,
     warmup: int = 3,
+    clock: Clock = time.perf_counter,
 ) -> RatioResult:
     """Median ratio variant/baseline over ``trials`` interleaved pairs, with an A/A control."""
-    iters = iters or calibrate(baseline)
+    iters = iters or calibrate(baseline, clock=clock)
     for _ in range(warmup):
-        _block(baseline, iters)
-        _block(variant, iters)
+        _block(baseline, iters, clock)
+        _block(variant, iters, clock)
     ratios, controls, base_times = [], [], []
     for trial in range(trials):
         if trial % 2 == 0:
-            b = _block(baseline, iters)
-            v = _block(variant, iters)
-            c = _block(baseline, iters)
+            b = _block(baseline, iters, clock)
+            v = _block(variant, iters, clock)
+            c = _block(baseline, iters, clock)
         else:
-            v = _block(variant, iters)
-            b = _block(baseline, iters)
-            c = _block(baseline, iters)
+            v = _block(variant, iters, clock)
+            b = _block(baseline, iters, clock)
+            c = _block(baseline, iters, clock)
         ratios.append(v / b)
         controls.append(c / b)
         base_times.append(b)

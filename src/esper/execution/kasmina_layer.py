@@ -39,7 +39,14 @@ from esper.execution.arguments import check_name, check_seed_settings
 from esper.execution.fast_paths import disable_fused_fast_paths, has_hooks
 from esper.execution.layer_kind_registry import GraftPoint, supported_layer_names
 from esper.execution.layer_kinds import profile_layer
-from esper.execution.seed_blend import RunningSeed, blend, blend_sequences, running_seeds
+from esper.execution.seed_blend import (
+    FossilSeed,
+    RunningSeed,
+    add_fossils,
+    blend,
+    blend_sequences,
+    running_seeds,
+)
 from esper.execution.seed_lifecycle import SeedLifecycle
 
 logger = logging.getLogger(__name__)
@@ -100,6 +107,7 @@ class KasminaLayer(SeedLifecycle):
         self._returns_tuple = profile.returns_tuple
         self.inside_fused_module = bool(inside_fused_module)
         self._running_seeds: tuple[RunningSeed, ...] = ()
+        self._fossils: tuple[FossilSeed, ...] = ()
         self._select_forward()
 
     # -- forward -------------------------------------------------------------------------------
@@ -111,13 +119,16 @@ class KasminaLayer(SeedLifecycle):
     def _select_forward(self) -> None:
         """Bind ``self.forward`` to the cheapest path that is correct for the current state.
 
-        Also rebuilds ``_running_seeds``: per running seed, its kernel and views of its alpha and
-        health buffers, so the forward does no indexing or attribute lookups per seed.
+        Also rebuilds ``_running_seeds`` and ``_fossils``: per running seed, its kernel and views
+        of its alpha and health buffers, so the forward does no indexing or attribute lookups per
+        seed. A layer whose running kernels are all fossilized gets :meth:`_forward_fossilized`.
         """
-        self._running_seeds = running_seeds(self.seed_layout, self._kernels)
+        self._running_seeds, self._fossils = running_seeds(self.seed_layout, self._kernels)
         forward: Callable[..., Any]
         if self._running_seeds or self._record_health:
             forward = self._forward_morphed
+        elif self._fossils:
+            forward = self._forward_fossilized
         elif has_hooks(self.base):
             forward = self.base  # call it as a module so the base's own hooks still run
         else:
@@ -126,9 +137,10 @@ class KasminaLayer(SeedLifecycle):
         # as a child named "forward".
         object.__setattr__(self, "forward", forward)
         guards = [k for k, h in self._forward_pre_hooks.items() if h is disable_fused_fast_paths]
-        if self._running_seeds and self.inside_fused_module and not guards:
+        kernels_run = bool(self._running_seeds or self._fossils)
+        if kernels_run and self.inside_fused_module and not guards:
             self.register_forward_pre_hook(disable_fused_fast_paths)
-        elif not self._running_seeds:
+        elif not kernels_run:
             for key in guards:
                 del self._forward_pre_hooks[key]
 
@@ -145,12 +157,14 @@ class KasminaLayer(SeedLifecycle):
                 base_out,
                 kernel_in,
                 self._current_running_seeds,
+                fossils=self._fossils,
                 record=record,
                 on_fault=self._on_kernel_fault,
             )
         else:
+            y = add_fossils(base_out, kernel_in, self._fossils, on_fault=self._on_kernel_fault)
             y = blend(
-                base_out,
+                y,
                 kernel_in,
                 self._running_seeds,
                 record=record,
@@ -168,6 +182,27 @@ class KasminaLayer(SeedLifecycle):
         if self._returns_tuple:
             return (y, *out[1:])
         return y
+
+    def _forward_fossilized(self, *args: Any, **kwargs: Any) -> Any:
+        """Base output plus fossilized kernels only: plain modules, no guard, no statistics."""
+        out = self.base(*args, **kwargs)
+        base_out = out[0] if self._returns_tuple else out
+        if self._reads_input:
+            kernel_in = args[0] if args else next(iter(kwargs.values()))
+        else:
+            kernel_in = base_out
+        if base_out.is_nested:  # per sequence, as the morphed path does it
+            y = blend_sequences(
+                base_out,
+                kernel_in,
+                self._current_running_seeds,
+                fossils=self._fossils,
+                record=False,
+                on_fault=self._on_kernel_fault,
+            )
+        else:
+            y = add_fossils(base_out, kernel_in, self._fossils, on_fault=self._on_kernel_fault)
+        return (y, *out[1:]) if self._returns_tuple else y
 
     def _current_running_seeds(self) -> tuple[RunningSeed, ...]:
         """The running seeds now (a fault in one sequence of a nested batch rebinds them)."""
@@ -202,6 +237,7 @@ class KasminaLayer(SeedLifecycle):
         state = super().__getstate__()
         state.pop("forward", None)
         state["_running_seeds"] = ()
+        state["_fossils"] = ()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -251,6 +251,7 @@ class SeedLifecycle(nn.Module):
         """Keep an ACTIVE seed's kernel permanently (ACTIVE -> FOSSILIZED)."""
         seed_idx = self._seed(seed_idx)
         self.seed_layout.transition(seed_idx, SeedState.FOSSILIZED, where=self._where(seed_idx))
+        self._select_forward()  # a fossilized kernel runs as a plain module, unguarded
 
     def set_alpha(self, seed_idx: int, value: float) -> None:
         """Override the blend weight of a seed that holds a kernel (0 <= value <= 1)."""

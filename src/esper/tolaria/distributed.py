@@ -111,6 +111,14 @@ class TrainingReplica:
         """The step's loss, averaged over the ranks (read from the device here)."""
         return self.ranks.mean(loss) if self.ranks is not None else float(loss.detach())
 
+    def step_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss, detached and averaged over the ranks, left on the device (no read)."""
+        if self.ranks is None:
+            return loss.detach()
+        total = loss.detach().reshape(()).clone()
+        dist.all_reduce(total)
+        return total / self.ranks.world_size
+
     def collect_telemetry(self) -> list[HealthSignal]:
         """Health signals, from accumulators averaged over the ranks."""
         if self.lockstep is not None:

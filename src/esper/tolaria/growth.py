@@ -57,6 +57,7 @@ from esper.tolaria.bounded_input import excerpt
 from esper.tolaria.config import GrowthSection, RunConfig
 from esper.tolaria.controller_link import ControllerLink, InlineController, LinkResult
 from esper.tolaria.distributed import TrainingReplica
+from esper.tolaria.germination import Loss, materialize
 from esper.tolaria.growth_events import (
     Event,
     decision_event,
@@ -122,7 +123,7 @@ class GrowthDriver:
         self.controller = controller
         self.executor = executor
         self.settings = settings
-        self._losses: list[float] = []
+        self._losses: list[Loss] = []  # device scalars, read at the next telemetry report
         self._decision_seeds: dict[str, int] = {}
         self._queued_jobs: list[str] = []
 
@@ -218,7 +219,7 @@ class GrowthDriver:
         """Which finished loads may be grafted at the boundary returning ``step``."""
         return self.executor.graftable(step)
 
-    def after_step(self, step: int, loss: float, replica: TrainingReplica) -> list[Event]:
+    def after_step(self, step: int, loss: Loss, replica: TrainingReplica) -> list[Event]:
         """Everything growth does after the boundary that returned ``step``, as events.
 
         The executor advances every germination; its rewards and refusals go to the controller
@@ -235,7 +236,8 @@ class GrowthDriver:
         events = self._outcome_events(outcome)
         if step % self.settings.telemetry_every == 0:
             self.controller.observe_telemetry(step, replica.collect_telemetry())
-            mean = sum(self._losses) / len(self._losses) if self._losses else None
+            losses = materialize(self._losses)  # one transfer for the whole interval
+            mean = sum(losses) / len(losses) if losses else None
             self._losses = []
             self.controller.observe_progress(step, mean)
         result = self.controller.poll(step) if replica.decides else LinkResult()
@@ -280,7 +282,7 @@ class GrowthDriver:
         return {
             "controller": self.controller.state_dict(),
             "executor": self.executor.state_dict(),
-            "losses": list(self._losses),
+            "losses": materialize(self._losses),
             "decision_seeds": dict(self._decision_seeds),
         }
 

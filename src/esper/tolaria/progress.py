@@ -41,8 +41,9 @@ class RunObserver(Protocol):
         """The loop is about to train epochs ``start_epoch + 1 .. epochs``."""
         ...
 
-    def on_step(self, *, step: int, loss: float, seeds: Mapping[str, int]) -> None:
-        """One step finished; ``seeds`` counts seeds by state name."""
+    def on_step(self, *, step: int, loss: float | None, seeds: Mapping[str, int]) -> None:
+        """One step finished; ``seeds`` counts seeds by state name. ``loss`` is read from the
+        device only on the steps that log it (``train.log_every``), ``None`` on the others."""
         ...
 
     def on_event(self, record: Mapping[str, Any]) -> None:
@@ -70,7 +71,7 @@ class SilentObserver:
     def on_start(self, *, run_id: str, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
         """Ignore."""
 
-    def on_step(self, *, step: int, loss: float, seeds: Mapping[str, int]) -> None:
+    def on_step(self, *, step: int, loss: float | None, seeds: Mapping[str, int]) -> None:
         """Ignore."""
 
     def on_event(self, record: Mapping[str, Any]) -> None:
@@ -176,10 +177,13 @@ class RichProgress:
         )
         self._progress.update(self._step_task, total=steps_per_epoch, completed=0)
 
-    def on_step(self, *, step: int, loss: float, seeds: Mapping[str, int]) -> None:
-        """Advance the step bar; refresh the seed counts when they change."""
+    def on_step(self, *, step: int, loss: float | None, seeds: Mapping[str, int]) -> None:
+        """Advance the step bar (its loss changes on logged steps); refresh the seed counts."""
         done = step - self._epoch * self._steps_per_epoch
-        self._progress.update(self._step_task, completed=done, info=f"loss {loss:.4f}")
+        if loss is None:
+            self._progress.update(self._step_task, completed=done)
+        else:
+            self._progress.update(self._step_task, completed=done, info=f"loss {loss:.4f}")
         summary = ", ".join(f"{n} {state.lower()}" for state, n in seeds.items() if n)
         if summary != self._seed_summary:
             self._seed_summary = summary

@@ -38,11 +38,6 @@ def seed_snapshot(model: MorphableModel) -> dict[tuple[str, int], str]:
     }
 
 
-def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Fraction of ``(B, C)`` logits whose argmax is the ``(B,)`` target."""
-    return float((outputs.detach().argmax(dim=1) == targets).float().mean())
-
-
 def parameter_count(model: MorphableModel) -> int:
     """Base plus grafted kernel parameters."""
     return sum(p.numel() for p in model.parameters())
@@ -89,7 +84,7 @@ class StepLog:
         self,
         step: int,
         epoch: int,
-        loss: float,
+        loss: float | torch.Tensor,
         outputs: torch.Tensor,
         targets: torch.Tensor,
         step_ms: float,
@@ -101,7 +96,8 @@ class StepLog:
         Args:
             step: the step.
             epoch: its epoch.
-            loss: its training loss (the mean over the ranks).
+            loss: its training loss (the mean over the ranks; a device scalar is read only on
+                steps that write a ``step`` record, so other steps never wait for the device).
             outputs: the batch's outputs (for the accuracy).
             targets: the batch's targets.
             step_ms: its wall time in milliseconds.
@@ -119,19 +115,33 @@ class StepLog:
             self.metrics.write(event["type"], **{k: v for k, v in event.items() if k != "type"})
             self.observer.on_event(event)
         counts = seed_counts(self.model)
+        shown: float | None = None
         if step % self.log_every == 0:
+            shown, accuracy = self._read(loss, outputs, targets)
             self.metrics.write(
                 "step",
                 step=step,
                 epoch=epoch,
-                loss=loss,
-                accuracy=None if self.regression else batch_accuracy(outputs, targets),
+                loss=shown,
+                accuracy=accuracy,
                 step_time_ms=step_ms,
                 parameters=self._parameters,
                 seeds=counts,
                 compiling=compiling,
             )
-        self.observer.on_step(step=step, loss=loss, seeds=counts)
+        self.observer.on_step(step=step, loss=shown, seeds=counts)
+
+    def _read(
+        self, loss: float | torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[float, float | None]:
+        """The loss and the batch accuracy as floats, in one transfer from the device."""
+        if self.regression:
+            return float(loss), None
+        correct = (outputs.detach().argmax(dim=1) == targets).float().mean()
+        if not isinstance(loss, torch.Tensor) or loss.dtype != correct.dtype:
+            return float(loss), float(correct)
+        values = torch.stack([loss.detach().reshape(()).to(correct.dtype), correct]).tolist()
+        return values[0], values[1]
 
     def epoch(
         self, epoch: int, train_loss: float, test_loss: float, test_score: float, *, wall_s: float

@@ -17,6 +17,10 @@ finish. What one step does, in order::
                                           progress to the controller link; its new decisions
     log.step(...)                         seed changes, events, the step record
 
+The step's loss stays a device tensor: it is read on the host only where a number is needed (the
+``step`` record every ``train.log_every`` steps, a telemetry report, the end of a graft's
+evaluation window, the epoch's end), so a step on an accelerator never waits for the device.
+
 and every epoch: evaluate on the test split, write the epoch record, save a checkpoint.
 
 A run resumed from a checkpoint repeats the uninterrupted run bit for bit: weights, optimizer
@@ -159,7 +163,7 @@ def train(
                 # -- step boundary: grafts due now join, alphas ramp; then growth advances ----
                 graftable = growth.graftable(model.global_step + 1) if growth else None
                 step = replica.step(graftable=graftable)
-                loss_value = replica.mean(loss)
+                loss_value = replica.step_loss(loss)  # stays on the device: no host sync per step
                 events = growth.after_step(step, loss_value, replica) if growth else []
                 step_ms = (time.perf_counter() - tic) * 1e3
                 # -- bookkeeping (outside the timed step) -------------------------------------

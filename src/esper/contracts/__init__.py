@@ -2,9 +2,11 @@
 
 from esper.contracts.base import SCHEMA_VERSION, Contract
 from esper.contracts.control import (
+    OPERATOR_INITS,
     AdaptationAction,
     AdaptationDecision,
     DecisionRefusal,
+    GrowthOperator,
     RewardReport,
 )
 from esper.contracts.kernels import (
@@ -46,6 +48,7 @@ from esper.contracts.telemetry import (
 from esper.contracts.topology import LayerTopology, ModelTopology, TrainingProgress
 
 __all__ = [
+    "OPERATOR_INITS",
     "SCHEMA_VERSION",
     "TRANSITIONS",
     "AdaptationAction",
@@ -59,6 +62,7 @@ __all__ = [
     "Contract",
     "DecisionRefusal",
     "Envelope",
+    "GrowthOperator",
     "HealthSignal",
     "HealthSignalBatch",
     "KernelCharacterization",

@@ -25,7 +25,7 @@ gate                   refuses when
 =====================  ===========================================================================
 
 A widen's or deepen's cost (what it adds, counted in the same budgets as kernels) comes from the
-host's shapes (:mod:`esper.tolaria.operator_cost`). A new kernel's cost comes from its spec and the layer's target, built on the meta device: no
+host's shapes (:mod:`esper.operators.operator_plan`). A new kernel's cost comes from its spec and the layer's target, built on the meta device: no
 memory is allocated and nothing is compiled to learn it. FOSSILIZE and CULL only need a layer
 and a seed that exist. :func:`check_decision` is the pure verdict (decision + limits + the
 model's state in, refusal or ``None`` out); :class:`DecisionGuard` is the thin shell the executor
@@ -174,7 +174,7 @@ def check_decision(
 ) -> LimitRefusal | None:
     """The first limit ``decision`` breaks, or ``None`` when it respects them all (pure).
 
-    ``operator_cost`` is what a widen/deepen decision adds (:mod:`~esper.tolaria.operator_cost`),
+    ``operator_cost`` is what a widen/deepen decision adds (:mod:`~esper.operators.operator_plan`),
     or why it cannot apply; residual kernels are costed from their blueprint.
     """
     layer = state.layers.get(decision.layer_name)

@@ -32,13 +32,13 @@ from esper.contracts import (
 )
 from esper.core import MorphableModel
 from esper.errors import ConfigurationError, EsperError
+from esper.operators.operator_plan import OperatorPlan, plan_operator
 from esper.tamiyo.safety import SafetyConfig
 from esper.tolaria.controller_feed import ControllerFeed
 from esper.tolaria.decision_limits import DecisionGuard, KernelCost, training_refusal
 from esper.tolaria.germination import Loss, RecentSteps, materialize
 from esper.tolaria.graft_judgement import GraftEvidence, judge_graft
 from esper.tolaria.operator_config import OperatorsSection
-from esper.tolaria.operator_cost import OperatorPlan, plan_operator
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from torch import nn
 import esper
 from esper.contracts import AdaptationAction, AdaptationDecision, GrowthOperator
 from esper.core import MorphableModel
+from esper.operators.operator_plan import plan_operator
 from esper.tamiyo.safety import SafetyConfig, SafetyGates
 from esper.tolaria.decision_limits import (
     GATE_INVALID_OPERATOR,
@@ -24,7 +25,6 @@ from esper.tolaria.decision_limits import (
 )
 from esper.tolaria.growth_executor import GrowthExecutor
 from esper.tolaria.operator_config import OperatorsSection
-from esper.tolaria.operator_cost import plan_operator
 from esper.tolaria.operator_growth import GATE_OPERATOR_FAILED
 
 ALL_OPERATORS = OperatorsSection(widen=[0.5, 1.0], deepen=["fresh", "copy"], blend_steps=2)

@@ -79,15 +79,9 @@ KERNEL_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What happened at one step boundary.
-
-    Attributes:
-        step: the boundary's step.
-        received: decisions taken into the records at this boundary (duplicates excluded).
-        grafted: ``(layer, seed)`` of kernels that were grafted at this boundary.
-        rewards: rewards of grafts whose evaluation window ended here.
-        refusals: decisions that could not be applied, and rolled-back grafts.
-    """
+    """What happened at one step boundary: its ``step``, the decisions ``received`` (duplicates
+    excluded), ``(layer, seed)`` of kernels ``grafted``, ``rewards`` of grafts judged here (widen
+    and deepen too), and ``refusals`` (decisions not applied, rolled-back grafts)."""
 
     step: int
     received: tuple[AdaptationDecision, ...] = ()
@@ -481,6 +475,7 @@ class GrowthExecutor:
             "deferred": [r.model_dump(mode="json") for r in self._deferred],
             "records": [r.state_dict() for r in self._records.values()],
             "limits": self.decision_limits.state_dict(),
+            "operators": self.operators.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -492,6 +487,7 @@ class GrowthExecutor:
         self.feed.load_state_dict(state)
         self._deferred = [DecisionRefusal.model_validate(r) for r in state["deferred"]]
         self.decision_limits.load_state_dict(state.get("limits", {}))
+        self.operators.load_state_dict(state.get("operators", {}))
         self._records = {}
         for saved in state["records"]:
             record = Germination.from_state(saved)

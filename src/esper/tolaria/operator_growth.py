@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from esper.contracts import (
     AdaptationDecision,
@@ -242,6 +243,45 @@ class OperatorGrowth:
             self._undo(graft)
         except (ConfigurationError, EsperError, RuntimeError) as exc:
             logger.warning("could not cull %r: %s", graft.plan.layer_name, exc)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The live grafts and the kept cost as plain JSON (the model's own ``state_dict`` holds
+        the widens and blocks themselves)."""
+        return {
+            "kept": [self.kept.parameters, self.kept.bytes],
+            "live": [
+                {
+                    "decision": g.decision.model_dump(mode="json"),
+                    "plan": {**asdict(g.plan), "operator": str(g.plan.operator)},
+                    "block_id": g.block_id,
+                    "active_step": g.active_step,
+                    "losses_before": materialize(g.losses_before),
+                    "losses_after": materialize(g.losses_after),
+                    "metrics_before": dict(g.metrics_before),
+                }
+                for g in self.live.values()
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (empty: nothing live, nothing kept)."""
+        parameters, size = state.get("kept", [0, 0])
+        self.kept = KernelCost(int(parameters), int(size))
+        self.live = {}
+        for saved in state.get("live", []):
+            plan = OperatorPlan(
+                **{**saved["plan"], "operator": GrowthOperator(saved["plan"]["operator"])}
+            )
+            graft = OperatorGraft(
+                AdaptationDecision.model_validate(saved["decision"]), plan,
+                block_id=saved["block_id"], active_step=saved["active_step"],
+                losses_before=[float(x) for x in saved["losses_before"]],
+                losses_after=[float(x) for x in saved["losses_after"]],
+                metrics_before={str(k): float(v) for k, v in saved["metrics_before"].items()},
+            )  # fmt: skip
+            self.live[graft.decision.decision_id] = graft
 
     def _refuse(self, decision: AdaptationDecision, reason: str) -> DecisionRefusal:
         self.counters["refused"] += 1

@@ -181,3 +181,20 @@ def test_a_failing_operator_leaves_the_host_exact_and_training_going(
     assert "surgery failed" in outcomes[0].refusals[0].reason  # type: ignore[attr-defined]
     assert torch.equal(model(x), expected)
     assert executor.operators.live == {}
+
+
+def test_a_live_widen_survives_a_checkpoint_and_is_judged_after_resume() -> None:
+    model, optimizer, executor = _setup()
+    executor.submit(_decision(GrowthOperator.WIDEN, size=0.5))
+    _train(model, optimizer, executor, 4)  # widened, blended in, evaluating
+    assert len(executor.operators.live) == 1
+    saved_model, saved_executor = model.state_dict(), executor.state_dict()
+    resumed, resumed_optimizer, resumed_executor = _setup()
+    resumed.load_state_dict(saved_model)
+    resumed_executor.load_state_dict(saved_executor)
+    assert resumed_executor.operators.live.keys() == executor.operators.live.keys()
+    _train(resumed, resumed_optimizer, resumed_executor, 8)
+    assert resumed_executor.operators.live == {}
+    assert resumed_executor.counters["fossilized"] == 1
+    plain = esper.unwrap(resumed)
+    assert isinstance(plain[0], nn.Linear) and plain[0].out_features == 12

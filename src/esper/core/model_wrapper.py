@@ -62,20 +62,18 @@ class TelemetrySink(Protocol):
 class MorphableModel(WidenOperations, DeepenMethods):
     """A model whose targeted layers carry seeds; built by :func:`wrap`.
 
-    Calling it runs the wrapped model unchanged (``forward`` is bound to the wrapped model's
-    ``forward``). Lifecycle calls address layers by their dotted names in the original model.
-    The loading calls take ``kernel_artifact_id=``, the reference design's public name of what
-    Esper calls a ``kernel_id`` everywhere else (the sha256 of the kernel's artifact).
+    Calling it runs the wrapped model unchanged; lifecycle calls address layers by dotted names
+    in the original model; loading calls take ``kernel_artifact_id=`` (Esper's ``kernel_id``).
 
     Args:
         model: the model whose layers were already replaced by :class:`KasminaLayer` wrappers.
-        layers: the wrappers by dotted name (aliases of a shared module map to one wrapper).
+        layers: the wrappers by dotted name (a shared module's aliases map to one wrapper).
         kernel_cache: the cache all layers load kernels through.
         telemetry_sink: optional receiver of :meth:`collect_telemetry` results.
     """
 
     morph_step: torch.Tensor
-    plain_copy = staticmethod(unwrap_model)  # DEEPEN's copy of a (seeded) block as plain torch
+    plain_copy = staticmethod(unwrap_model)  # DEEPEN's plain-torch copy of a (seeded) block
 
     def __init__(
         self,

@@ -2,9 +2,11 @@
 
 from esper.contracts.base import SCHEMA_VERSION, Contract
 from esper.contracts.control import (
+    OPERATOR_INITS,
     AdaptationAction,
     AdaptationDecision,
     DecisionRefusal,
+    GrowthOperator,
     RewardReport,
 )
 from esper.contracts.kernel_aliases import AliasName, KernelAlias
@@ -47,6 +49,7 @@ from esper.contracts.telemetry import (
 from esper.contracts.topology import LayerTopology, ModelTopology, TrainingProgress
 
 __all__ = [
+    "OPERATOR_INITS",
     "SCHEMA_VERSION",
     "TRANSITIONS",
     "AdaptationAction",
@@ -61,6 +64,7 @@ __all__ = [
     "Contract",
     "DecisionRefusal",
     "Envelope",
+    "GrowthOperator",
     "HealthSignal",
     "HealthSignalBatch",
     "KernelAlias",

@@ -10,7 +10,7 @@ import time
 import uuid
 from enum import StrEnum
 
-from pydantic import Field, FiniteFloat
+from pydantic import Field, FiniteFloat, model_validator
 
 from esper.contracts.base import Contract
 from esper.contracts.bounds import (
@@ -35,6 +35,25 @@ class AdaptationAction(StrEnum):
     """Remove a seed's kernel (back to DORMANT), e.g. after a failed evaluation window."""
 
 
+class GrowthOperator(StrEnum):
+    """How a GERMINATE decision grows the host (:mod:`esper.operators`)."""
+
+    RESIDUAL = "residual"
+    """A residual kernel compiled from ``blueprint``, beside one seed of the layer (default)."""
+    WIDEN = "widen"
+    """``model.widen``: ``size`` x the layer's width new units (at least one) in the layer and
+    its consumer; ``init`` ``random`` or ``gradmax``."""
+    DEEPEN = "deepen"
+    """``model.deepen``: a new block right after the layer; ``init`` ``fresh`` or ``copy``."""
+
+
+OPERATOR_INITS: dict[GrowthOperator, tuple[str, ...]] = {
+    GrowthOperator.WIDEN: ("random", "gradmax"),
+    GrowthOperator.DEEPEN: ("fresh", "copy"),
+}
+"""The ``init`` values each structural operator accepts (the first is its default)."""
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
@@ -57,6 +76,26 @@ class AdaptationDecision(Contract):
     uncertainty: FiniteFloat = Field(ge=0)
     reason: Text = ""
     created_at: Timestamp = Field(default_factory=time.time)
+    operator: GrowthOperator = GrowthOperator.RESIDUAL
+    size: float | None = Field(
+        default=None, gt=0, le=4, description="WIDEN: new units as a fraction of the layer's width"
+    )
+    init: Name | None = Field(default=None, description="WIDEN/DEEPEN: how the new part starts")
+
+    @model_validator(mode="after")
+    def _operator_fields(self) -> AdaptationDecision:
+        if self.operator is GrowthOperator.RESIDUAL:
+            if self.size is not None or self.init is not None:
+                raise ValueError("size and init belong to widen/deepen decisions, not residual")
+            return self
+        if self.action is not AdaptationAction.GERMINATE or self.blueprint is not None:
+            raise ValueError(f"a {self.operator} decision is a GERMINATE without a blueprint")
+        if (self.operator is GrowthOperator.WIDEN) != (self.size is not None):
+            raise ValueError("a widen decision needs a size; a deepen decision has none")
+        inits = OPERATOR_INITS[self.operator]
+        if self.init is not None and self.init not in inits:
+            raise ValueError(f"{self.operator} init {self.init!r} is not one of {list(inits)}")
+        return self
 
 
 class DecisionRefusal(Contract):

@@ -1,4 +1,4 @@
-"""Baseline growth policies: random, round-robin and a bottleneck heuristic.
+"""Baseline growth policies: random, round-robin, a bottleneck heuristic and its widening form.
 
 All three implement :class:`~esper.tamiyo.observation.GrowthPolicy` and only ever choose actions
 that ``LayerGraph.germinate_mask`` allows; when nothing is allowed they wait. They are the yardsticks
@@ -23,6 +23,7 @@ from esper.errors import ConfigurationError
 from esper.tamiyo.observation import (
     BLUEPRINT_CATALOG,
     NODE_FEATURES,
+    OPERATOR_CATALOG,
     GrowthAction,
     GrowthPolicy,
     LayerGraph,
@@ -210,7 +211,52 @@ class BottleneckPolicy:
         self.per_parameter = bool(state["per_parameter"])
 
 
-BASELINE_NAMES: tuple[str, ...] = ("random", "round_robin", "bottleneck")
+class WidthBottleneckPolicy(BottleneckPolicy):
+    """Widens the allowed layer under the most pressure (:class:`BottleneckPolicy`'s score: a
+    large per-parameter gradient and dead units say the layer is saturated, short of units).
+
+    Of the widen sizes the graph allows there (``operator_mask``), the first of ``sizes`` is
+    taken; where no widen is allowed anywhere it germinates a residual kernel like
+    :class:`BottleneckPolicy` (or waits).
+
+    Args:
+        sizes: widen sizes (fractions of the layer's width) in order of preference.
+        dead_weight, per_parameter: see :class:`BottleneckPolicy`.
+    """
+
+    def __init__(
+        self,
+        *,
+        sizes: Sequence[float] = (0.5, 0.25, 1.0),
+        dead_weight: float = 1.0,
+        per_parameter: bool = True,
+    ) -> None:
+        super().__init__(dead_weight=dead_weight, per_parameter=per_parameter)
+        by_size = {o.size: j for j, o in enumerate(OPERATOR_CATALOG) if o.size is not None}
+        self._widen_order = [by_size[size] for size in sizes if size in by_size]
+
+    @property
+    def name(self) -> str:
+        """``"width_bottleneck"``."""
+        return "width_bottleneck"
+
+    def act(self, graph: LayerGraph, *, explore: bool = False) -> PolicyOutput:
+        """Widen the allowed layer of highest pressure; else :meth:`BottleneckPolicy.act`."""
+        mask = graph.operator_mask
+        if mask is None or not self._widen_order:
+            return super().act(graph, explore=explore)
+        widen = mask[:, self._widen_order]
+        allowed = widen.any(dim=1)
+        if not bool(allowed.any()):
+            return super().act(graph, explore=explore)
+        score = self.pressure(graph).masked_fill(~allowed, -math.inf)
+        node = int(torch.argmax(score))
+        column = next(j for j, ok in enumerate(widen[node].tolist()) if ok)
+        action = GrowthAction(node, operator=self._widen_order[column])
+        return PolicyOutput(action, log_prob=0.0, value=0.0, confidence=1.0, uncertainty=0.0)
+
+
+BASELINE_NAMES: tuple[str, ...] = ("random", "round_robin", "bottleneck", "width_bottleneck")
 """Names accepted by :func:`make_baseline`."""
 
 
@@ -226,6 +272,8 @@ def make_baseline(name: str, *, seed: int = 0) -> GrowthPolicy:
         return RoundRobinPolicy()
     if name == "bottleneck":
         return BottleneckPolicy()
+    if name == "width_bottleneck":
+        return WidthBottleneckPolicy()
     raise ConfigurationError(
         f"unknown baseline policy {name!r}; choose one of {', '.join(BASELINE_NAMES)} (or a path "
         "to a trained policy)"

@@ -55,7 +55,15 @@ from esper.oona import BusUnavailableError, MessageBus
 from esper.tamiyo.controller_loop import ControllerInbox, ControllerThread
 from esper.tamiyo.graph import GraphStructure, graph_structure
 from esper.tamiyo.health import HealthCollector
-from esper.tamiyo.observation import BLUEPRINT_CATALOG, GrowthPolicy, LayerGraph, PolicyOutput
+from esper.tamiyo.observation import (
+    BLUEPRINT_CATALOG,
+    OPERATOR_CATALOG,
+    GrowthPolicy,
+    LayerGraph,
+    OperatorOption,
+    PolicyOutput,
+)
+from esper.tamiyo.operator_actions import OperatorActions, decision_for, operator_choice
 from esper.tamiyo.pending_decisions import PendingDecisions
 from esper.tamiyo.run_progress import RunProgress
 from esper.tamiyo.safety import GATE_LOSS_SPIKE, GateVerdict, Proposal, SafetyGates
@@ -139,6 +147,8 @@ class TamiyoController:
         self.run_id = run_id
         self.safety = safety or SafetyGates()
         self.model = model
+        self.operator_actions: OperatorActions | None = None
+        """Widen/deepen actions offered to the policy (``None``: residual kernels only)."""
         self.decide_every_steps = decide_every_steps
         self.cycle_s = cycle_s
         self.explore = explore
@@ -314,6 +324,8 @@ class TamiyoController:
                 step=step,
                 blocked=blocked,
             )
+            if self.operator_actions is not None:
+                graph = self.operator_actions.annotate(graph, blocked)
             output = self.policy.act(graph, explore=self.explore)
             self._last_decision_step = step
             result = self._validate(graph, output, seed_states, base, kernel)
@@ -329,22 +341,32 @@ class TamiyoController:
         kernel: int,
     ) -> CycleResult:
         action, step = output.action, graph.step
-        if action.node is None or action.option is None:
+        if action.node is None or (action.option is None and action.operator is None):
             self.counters["waits"] += 1
             return CycleResult(step, output, graph)
         layer = graph.layer_names[action.node]
-        option = BLUEPRINT_CATALOG[action.option]
+        operator: OperatorOption | None = None
+        if action.operator is not None:  # widen/deepen (esper.tamiyo.operator_actions)
+            operator, spec = OPERATOR_CATALOG[action.operator], None
+            allowed, added = operator_choice(graph, action.node, action.operator)
+            name = operator.name
+        else:
+            assert action.option is not None
+            option = BLUEPRINT_CATALOG[action.option]
+            name, spec = option.name, option.spec
+            allowed = bool(graph.action_mask()[action.index()])
+            added = self._kernel_size(spec, self._targets[layer])
         proposal = Proposal(
             step=step,
             layer_name=layer,
             action=AdaptationAction.GERMINATE,
             confidence=output.confidence,
             uncertainty=output.uncertainty,
-            added_parameters=self._kernel_size(option.spec, self._targets[layer]),
+            added_parameters=added,
         )
-        if not bool(graph.action_mask()[action.index()]):
+        if not allowed:
             logger.error("policy %s chose a masked action %s", self.policy.name, action)
-            verdict = GateVerdict(GATE_MASK, f"option {option.name} is not allowed for {layer!r}")
+            verdict = GateVerdict(GATE_MASK, f"option {name} is not allowed for {layer!r}")
         else:
             verdict = self.safety.check(proposal, base_parameters=base, kernel_parameters=kernel)
         if verdict.gate is not None:
@@ -352,29 +374,33 @@ class TamiyoController:
                 proposal, verdict, run_id=self.run_id, policy=self.policy.name
             )
             self.counters["refusals"] += 1
-            logger.info("refused %s on %r at step %d: %s", option.name, layer, step, verdict.reason)
+            logger.info("refused %s on %r at step %d: %s", name, layer, step, verdict.reason)
             self._publish(Topic.CONTROL_TAMIYO_REFUSALS, refusal)
             return CycleResult(step, output, graph, refusal=refusal)
-        seed_idx = next(i for i, s in enumerate(seed_states[layer]) if s is SeedState.DORMANT)
-        decision = AdaptationDecision(
-            run_id=self.run_id,
-            step=step,
-            action=AdaptationAction.GERMINATE,
-            layer_name=layer,
-            seed_idx=seed_idx,
-            blueprint=option.spec,
-            policy=self.policy.name,
-            confidence=min(1.0, max(0.0, output.confidence)),
-            uncertainty=max(0.0, output.uncertainty),
-            reason=f"{option.name}: +{proposal.added_parameters} parameters",
+        seed_idx = next((i for i, s in enumerate(seed_states[layer]) if s is SeedState.DORMANT), 0)
+        confidence, uncertainty = (
+            min(1.0, max(0.0, output.confidence)),
+            max(0.0, output.uncertainty),
         )
+        reason = f"{name}: +{proposal.added_parameters} parameters"
+        if operator is not None:
+            decision = decision_for(
+                operator, layer, step, run_id=self.run_id, policy=self.policy.name,
+                confidence=confidence, uncertainty=uncertainty, reason=reason,
+            )  # fmt: skip
+        else:
+            decision = AdaptationDecision(
+                run_id=self.run_id, step=step, action=AdaptationAction.GERMINATE,
+                layer_name=layer, seed_idx=seed_idx, blueprint=spec, policy=self.policy.name,
+                confidence=confidence, uncertainty=uncertainty, reason=reason,
+            )  # fmt: skip
         if not self._publish(Topic.CONTROL_KASMINA_COMMANDS, decision):
             return CycleResult(step, output, graph)  # never sent: as if the policy had waited
         self.safety.record_adaptation(step, layer)
         self._pending.add(decision, added_parameters=proposal.added_parameters)
         self.adaptations += 1
         self.counters["decisions"] += 1
-        logger.info("decided %s on %r seed %d at step %d", option.name, layer, seed_idx, step)
+        logger.info("decided %s on %r seed %d at step %d", name, layer, seed_idx, step)
         return CycleResult(step, output, graph, decision=decision)
 
     def _publish(self, topic: Topic, message: Contract) -> bool:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from esper.contracts import BlueprintSpec
+from esper.contracts import BlueprintSpec, GrowthOperator
 
 NODE_FEATURES: tuple[str, ...] = (
     # health, smoothed over the layer's window (EMA)
@@ -83,6 +83,27 @@ BLUEPRINT_CATALOG: tuple[BlueprintOption, ...] = (
 
 
 @dataclass(frozen=True)
+class OperatorOption:
+    """One structural action a policy may choose for a layer (:mod:`esper.operators`)."""
+
+    name: str
+    operator: GrowthOperator
+    size: float | None
+    init: str
+
+
+OPERATOR_CATALOG: tuple[OperatorOption, ...] = (
+    OperatorOption("widen_25", GrowthOperator.WIDEN, 0.25, "random"),
+    OperatorOption("widen_50", GrowthOperator.WIDEN, 0.5, "random"),
+    OperatorOption("widen_100", GrowthOperator.WIDEN, 1.0, "random"),
+    OperatorOption("deepen_fresh", GrowthOperator.DEEPEN, None, "fresh"),
+    OperatorOption("deepen_copy", GrowthOperator.DEEPEN, None, "copy"),
+)
+"""Widen and deepen actions, in ``operator_mask`` column order. They are outside the flat
+(GNN) action index: a policy that does not know them never sees them."""
+
+
+@dataclass(frozen=True)
 class LayerGraph:
     """What a growth policy observes at one decision point.
 
@@ -93,6 +114,10 @@ class LayerGraph:
         germinate_mask: ``(N, len(BLUEPRINT_CATALOG))`` bool; True where germinating is allowed.
         global_features: ``(len(GLOBAL_FEATURES),)`` float32.
         step: training step the observation was taken at.
+        operator_mask: ``(N, len(OPERATOR_CATALOG))`` bool, True where the run allows that
+            widen/deepen on that layer and it applies there; ``None``: no operators in this run.
+        operator_parameters: ``(N, len(OPERATOR_CATALOG))`` parameters each would add (0 where
+            it does not apply), or ``None``.
     """
 
     layer_names: tuple[str, ...]
@@ -101,6 +126,8 @@ class LayerGraph:
     germinate_mask: torch.Tensor
     global_features: torch.Tensor
     step: int
+    operator_mask: torch.Tensor | None = None
+    operator_parameters: torch.Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -119,10 +146,12 @@ class LayerGraph:
 
 @dataclass(frozen=True)
 class GrowthAction:
-    """Wait (``node is None``), or germinate layer ``node`` with catalog option ``option``."""
+    """Wait (``node is None``), germinate layer ``node`` with catalog option ``option``, or
+    apply :data:`OPERATOR_CATALOG` entry ``operator`` to it (``option`` then ``None``)."""
 
     node: int | None = None
     option: int | None = None
+    operator: int | None = None
 
     @property
     def is_wait(self) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from esper.contracts.safety import (
     AdaptationCount,
@@ -32,6 +32,7 @@ from esper.errors import ConfigurationError
 from esper.tolaria.assignments import parse_assignment
 from esper.tolaria.bounded_input import clip, excerpt, load_yaml, read_config_text
 from esper.tolaria.config_renames import rename_old_keys
+from esper.tolaria.operator_config import OperatorsSection, Section
 
 MAX_LISTED_PROBLEMS = 10
 """Problems of an invalid config listed in its error (then a count of the others)."""
@@ -39,12 +40,6 @@ MAX_LISTED_PROBLEMS = 10
 RUN_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
 """A run id (and a run name): a folder name that is not hidden, not ``.``/``..``, not an option
 (no leading ``-``), at most 100 characters, of letters, digits, ``_``, ``.`` and ``-``."""
-
-
-class Section(BaseModel):
-    """A config section: unknown keys are errors; values are validated on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RunSection(Section):
@@ -187,6 +182,8 @@ class GrowthSection(Section):
     """
 
     enabled: bool = True
+    operators: OperatorsSection = Field(default_factory=OperatorsSection)
+    """Which operators decisions may use (residual kernels; widen and deepen sizes)."""
     policy: str = "bottleneck"
     """``bottleneck``, ``random``, ``round_robin`` (baselines), ``pretrained`` (the GNN policy
     shipped with Esper), or the path of a GNN policy saved by ``GNNPolicy.save``."""

@@ -23,6 +23,7 @@ from esper.oona import MessageBus
 from esper.tamiyo.controller import TamiyoController
 from esper.tamiyo.health import HealthCollector
 from esper.tamiyo.observation import GrowthPolicy
+from esper.tamiyo.operator_actions import OperatorActions, operator_names
 from esper.tamiyo.safety import SafetyGates
 from esper.tolaria.config import GrowthSection
 
@@ -143,6 +144,12 @@ class InlineController:
             collector=HealthCollector(None, run_id=run_id),
             total_steps=total_steps,
         )
+        operators = settings.operators
+        if operators.grows_structure:  # widen/deepen actions for the policy
+            allowed = operator_names(widen=operators.widen, deepen=operators.deepen)
+            controller.operator_actions = OperatorActions(
+                model.model, allowed, residual=operators.residual
+            )
         return cls(controller, DecisionSchedule.for_run(settings, total_steps))
 
     def observe_telemetry(self, step: int, signals: list[HealthSignal]) -> None:

@@ -20,9 +20,12 @@ gate                   refuses when
 ``byte_budget``        grafted + in-flight + new kernel bytes (parameters and buffers) would exceed
                        ``max_kernel_bytes`` (default: ``max_parameter_fraction`` of the host's
                        parameter bytes)
+``operator_disabled``  a widen/deepen decision in a run whose ``growth.operators`` do not allow it
+``invalid_operator``   the widen/deepen cannot apply to the layer (e.g. ``cannot widen ...``)
 =====================  ===========================================================================
 
-A new kernel's cost comes from its spec and the layer's target, built on the meta device: no
+A widen's or deepen's cost (what it adds, counted in the same budgets as kernels) comes from the
+host's shapes (:mod:`esper.operators.operator_plan`). A new kernel's cost comes from its spec and the layer's target, built on the meta device: no
 memory is allocated and nothing is compiled to learn it. FOSSILIZE and CULL only need a layer
 and a seed that exist. :func:`check_decision` is the pure verdict (decision + limits + the
 model's state in, refusal or ``None`` out); :class:`DecisionGuard` is the thin shell the executor
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from esper.blueprints.registry import build_empty_kernel, family_names
@@ -43,6 +46,7 @@ from esper.contracts import (
     AdaptationDecision,
     BlueprintSpec,
     DecisionRefusal,
+    GrowthOperator,
     KernelTarget,
     SeedState,
 )
@@ -56,6 +60,8 @@ GATE_UNKNOWN_SEED = "unknown_seed"
 GATE_UNKNOWN_BLUEPRINT = "unknown_blueprint"
 GATE_INVALID_BLUEPRINT = "invalid_blueprint"
 GATE_BYTE_BUDGET = "byte_budget"
+GATE_OPERATOR_DISABLED = "operator_disabled"
+GATE_INVALID_OPERATOR = "invalid_operator"
 
 _NOT_YET_GRAFTED = (SeedState.DORMANT, SeedState.LOADING)
 
@@ -71,6 +77,8 @@ class DecisionLimits:
         max_kernel_bytes: bytes kernels may take (``None``: ``max_parameter_fraction`` of the
             host's parameter bytes).
         families: blueprint families a decision may use (``None``: every registered family).
+        operators: the :class:`~esper.contracts.GrowthOperator` values decisions may use
+            (default: residual kernels only).
     """
 
     max_parameter_fraction: float
@@ -78,6 +86,7 @@ class DecisionLimits:
     window_steps: int
     max_kernel_bytes: int | None = None
     families: frozenset[str] | None = None
+    operators: frozenset[str] = frozenset({GrowthOperator.RESIDUAL.value})
 
     @classmethod
     def from_safety(cls, config: SafetyConfig) -> DecisionLimits:
@@ -158,9 +167,16 @@ def decision_step(decision: AdaptationDecision, step: int) -> int:
 
 
 def check_decision(
-    decision: AdaptationDecision, limits: DecisionLimits, state: GrowthState
+    decision: AdaptationDecision,
+    limits: DecisionLimits,
+    state: GrowthState,
+    operator_cost: KernelCost | str | None = None,
 ) -> LimitRefusal | None:
-    """The first limit ``decision`` breaks, or ``None`` when it respects them all (pure)."""
+    """The first limit ``decision`` breaks, or ``None`` when it respects them all (pure).
+
+    ``operator_cost`` is what a widen/deepen decision adds (:mod:`~esper.operators.operator_plan`),
+    or why it cannot apply; residual kernels are costed from their blueprint.
+    """
     layer = state.layers.get(decision.layer_name)
     if layer is None:
         known = ", ".join(repr(name) for name in state.layers)
@@ -176,6 +192,16 @@ def check_decision(
         )
     if decision.action is not AdaptationAction.GERMINATE:
         return None
+    if decision.operator.value not in limits.operators:
+        return LimitRefusal(
+            GATE_OPERATOR_DISABLED,
+            f"this run does not use {decision.operator}; it allows {sorted(limits.operators)} "
+            "(growth.operators in the run config)",
+        )
+    if decision.operator is not GrowthOperator.RESIDUAL:
+        if not isinstance(operator_cost, KernelCost):
+            return LimitRefusal(GATE_INVALID_OPERATOR, operator_cost or "no cost was measured")
+        return _budget_refusal(decision, operator_cost, limits, state)
     spec = decision.blueprint
     families = set(family_names())
     if limits.families is not None:
@@ -253,6 +279,18 @@ class InFlightGermination(Protocol):
     def seed_idx(self) -> int: ...
 
 
+class OperatorBudget(Protocol):
+    """The widen/deepen side of a run, as the limits see it (``OperatorGrowth``)."""
+
+    def grafted_cost(self) -> KernelCost:
+        """What the widen/deepen grafts live or kept so far added."""
+        ...
+
+    def cost(self, decision: AdaptationDecision) -> KernelCost | str:
+        """What ``decision`` would add, or why it cannot apply."""
+        ...
+
+
 class DecisionGuard:
     """Checks the decisions one model receives against the run's limits.
 
@@ -275,10 +313,21 @@ class DecisionGuard:
         return cls(model, DecisionLimits.from_safety(config))
 
     def check(
-        self, decision: AdaptationDecision, step: int, in_flight: Iterable[InFlightGermination]
+        self,
+        decision: AdaptationDecision,
+        step: int,
+        in_flight: Iterable[InFlightGermination],
+        operators: OperatorBudget | None = None,
     ) -> LimitRefusal | None:
-        """:func:`check_decision` against the model now and the germinations in flight."""
-        return check_decision(decision, self.limits, self.state(step, in_flight))
+        """:func:`check_decision` against the model now, the germinations in flight and the
+        widen/deepen grafts ``operators`` holds (live or kept)."""
+        state = self.state(step, in_flight)
+        cost: KernelCost | str | None = None
+        if operators is not None:
+            state = replace(state, grafted=state.grafted + operators.grafted_cost())
+            if decision.operator is not GrowthOperator.RESIDUAL:
+                cost = operators.cost(decision)
+        return check_decision(decision, self.limits, state, cost)
 
     def state(self, step: int, in_flight: Iterable[InFlightGermination]) -> GrowthState:
         """The model's :class:`GrowthState` at ``step``."""

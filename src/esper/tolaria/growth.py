@@ -190,6 +190,7 @@ class GrowthDriver:
             total_steps=total_steps,
             progress_every_steps=settings.telemetry_every,
         )
+        executor.operators.allow(settings.operators, executor.decision_limits)
         driver = cls(
             model, services=services, controller=controller, executor=executor, settings=settings
         )

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from esper.contracts import AdaptationDecision, BlueprintSpec, DecisionRefusal, RewardReport
+from esper.contracts import (
+    AdaptationDecision,
+    BlueprintSpec,
+    DecisionRefusal,
+    GrowthOperator,
+    RewardReport,
+)
 from esper.core import MorphableModel
 from esper.execution.grafted_kernel import GraftedKernel
 from esper.tamiyo.observation import BLUEPRINT_CATALOG
@@ -44,6 +50,8 @@ def decision_event(decision: AdaptationDecision, *, received_step: int | None = 
         "uncertainty": decision.uncertainty,
         "decision_id": decision.decision_id,
     }
+    if decision.operator is not GrowthOperator.RESIDUAL:  # widen/deepen: what and how much
+        event.update(operator=str(decision.operator), size=decision.size, init=decision.init)
     if received_step is not None:
         event["received_step"] = received_step
     return event

@@ -2,25 +2,20 @@
 
 The training loop calls :meth:`GrowthExecutor.on_step` after ``model.step()``. Decisions are
 handed over with :meth:`GrowthExecutor.submit` or consumed from ``control.kasmina.commands``
-(:mod:`~esper.tolaria.decision_intake`: each ``decision_id`` is taken in at most once). A
-GERMINATE decision goes through the compile pipeline without ever blocking a step::
+(each ``decision_id`` taken in at most once). A GERMINATE goes through the compile pipeline::
 
     KernelLookup.resolve (background): kernel in Urza? ─no─► a Tezzeret worker compiles it
       (the run's own :mod:`~esper.tolaria.compile_worker`, or external workers)
     future done (checked at a step boundary) ─► model.request_kernel(...)  seed LOADING
     load done ─► grafted at model.step() ─► BLENDING ─► ACTIVE (kernel params join the optimizer)
     evaluation_steps after ACTIVE ─► judge_graft (loss-spike gate, reward) ─► RewardReport on
-      control.tamiyo.rewards ─► fossilize (kept) or cull (rolled back; DecisionRefusal, gate
-      ``loss_spike``, on control.tamiyo.refusals)
+      control.tamiyo.rewards ─► fossilize (kept) or cull (rolled back: a ``loss_spike`` refusal)
 
-Records and stages: :mod:`~esper.tolaria.germination`; the verdict: the pure
-:func:`~esper.tolaria.graft_judgement.judge_graft`. This module is the shell that moves records
-along, waits where it must, and applies the verdict.
-
-A decision the executor cannot apply is reported as a :class:`~esper.contracts.DecisionRefusal`
-whose ``gate`` says why: one of the run's limits, checked first (:mod:`~esper.tolaria.
-decision_limits`), or ``seed_unavailable``, ``no_library``, ``compile_failed``, ``load_failed``,
-``kernel_fault``, ``illegal_transition``.
+Records: :mod:`~esper.tolaria.germination`; verdict: :func:`~esper.tolaria.graft_judgement.
+judge_graft`; WIDEN/DEEPEN decisions: :mod:`~esper.tolaria.operator_growth`. A decision that
+cannot be applied is a :class:`~esper.contracts.DecisionRefusal` whose ``gate`` says why: a run
+limit (:mod:`~esper.tolaria.decision_limits`), ``seed_unavailable``, ``no_library``,
+``compile_failed``, ``load_failed``, ``kernel_fault``, ``illegal_transition``.
 
 **Graft delay** (``graft_delay_steps``): a germination is grafted exactly ``graft_delay_steps``
 after its decision's step (why: :mod:`esper.tolaria.growth`). The training loop passes
@@ -51,6 +46,7 @@ from esper.contracts import (
     AdaptationAction,
     AdaptationDecision,
     DecisionRefusal,
+    GrowthOperator,
     RewardReport,
     SeedState,
     Topic,
@@ -72,6 +68,7 @@ from esper.tolaria.germination import (
     seed_slot,
 )
 from esper.tolaria.graft_judgement import GraftEvidence, GraftVerdict, judge_graft
+from esper.tolaria.operator_growth import OperatorGrowth
 from esper.urza import ArtifactLibrary
 
 logger = logging.getLogger(__name__)
@@ -82,15 +79,9 @@ KERNEL_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What happened at one step boundary.
-
-    Attributes:
-        step: the boundary's step.
-        received: decisions taken into the records at this boundary (duplicates excluded).
-        grafted: ``(layer, seed)`` of kernels that were grafted at this boundary.
-        rewards: rewards of grafts whose evaluation window ended here.
-        refusals: decisions that could not be applied, and rolled-back grafts.
-    """
+    """What happened at one step boundary: its ``step``, the decisions ``received`` (duplicates
+    excluded), ``(layer, seed)`` of kernels ``grafted``, ``rewards`` of grafts judged here (widen
+    and deepen too), and ``refusals`` (decisions not applied, rolled-back grafts)."""
 
     step: int
     received: tuple[AdaptationDecision, ...] = ()
@@ -168,8 +159,8 @@ class GrowthExecutor:
         self.evaluate = evaluate
         self.graft_delay_steps = graft_delay_steps
         self.counters: Counter[str] = Counter()
-        """``received``, ``duplicates``, ``other_run``, ``germinated`` (grafted), ``fossilized``,
-        ``culled``, ``rolled_back``, ``refused``, ``stall_ms`` (waits at due boundaries)."""
+        """``received``, ``duplicates``, ``other_run``, ``germinated``, ``widened``, ``deepened``,
+        ``fossilized``, ``culled``, ``rolled_back``, ``refused``, ``stall_ms`` (waits when due)."""
         self._records: dict[str, Germination] = {}
         self._recent = RecentSteps(evaluation_steps)
         self._deferred: list[DecisionRefusal] = []
@@ -185,6 +176,10 @@ class GrowthExecutor:
             total_steps=total_steps,
             every_steps=progress_every_steps,
         )
+        self.operators = OperatorGrowth(  # WIDEN/DEEPEN decisions
+            model, safety=self.safety.config, evaluation_steps=evaluation_steps,
+            recent=self._recent, counters=self.counters, feed=self.feed, evaluate=evaluate,
+        )  # fmt: skip
 
     def submit(self, *decisions: AdaptationDecision) -> None:
         """Hand decisions over (never blocks); they are applied at the next boundary, once."""
@@ -220,6 +215,8 @@ class GrowthExecutor:
             elif isinstance(advanced, DecisionRefusal):
                 refusals.append(advanced)
                 del self._records[decision_id]
+        operated = self.operators.advance(step, loss, interval)
+        rewards, refusals = rewards + operated.rewards, refusals + operated.refusals
         self.feed.on_step(step, loss)
         return StepOutcome(step, tuple(received), tuple(grafted), tuple(rewards), tuple(refusals))
 
@@ -268,11 +265,14 @@ class GrowthExecutor:
     # -- GERMINATE: from decision to graft -----------------------------------------------------
 
     def _receive(self, decision: AdaptationDecision, step: int) -> DecisionRefusal | None:
-        limit = self.decision_limits.check(decision, step, self._records.values())
+        limit = self.decision_limits.check(decision, step, self._records.values(), self.operators)
         if limit is not None:  # the run's own limits, whatever the controller checked
             return self._refuse(decision, limit.gate, limit.reason)
         if decision.action is not AdaptationAction.GERMINATE:
             return self._apply_direct(decision)
+        if decision.operator is not GrowthOperator.RESIDUAL:
+            self.decision_limits.record_germination(decision, step)
+            return self.operators.start(decision)
         layer_name = decision.layer_name
         if self.library is None or decision.blueprint is None:  # a blueprint: limits checked it
             return self._refuse(decision, "no_library", "cannot germinate: no Urza library")
@@ -289,11 +289,8 @@ class GrowthExecutor:
         self._records[decision.decision_id] = record
         logger.info(
             "germination %s: %s for %r seed %d",
-            decision.decision_id[:8],
-            decision.blueprint.family,
-            layer_name,
-            seed_idx,
-        )
+            decision.decision_id[:8], decision.blueprint.family, layer_name, seed_idx,
+        )  # fmt: skip
         return None
 
     def _free_seed(self, layer_name: str, wanted: int) -> int | None:
@@ -416,12 +413,9 @@ class GrowthExecutor:
             self.counters["rolled_back"] += 1
             self.feed.publish(Topic.CONTROL_TAMIYO_REFUSALS, verdict.rollback)
         logger.info(
-            "graft %s on %r: %s, reward %.4f",
-            record.decision.decision_id[:8],
-            layer,
-            "kept" if verdict.keep else "culled",
-            verdict.report.total,
-        )
+            "graft %s on %r: %s, reward %.4f", record.decision.decision_id[:8], layer,
+            "kept" if verdict.keep else "culled", verdict.report.total,
+        )  # fmt: skip
         return verdict
 
     # -- FOSSILIZE / CULL ----------------------------------------------------------------------
@@ -481,6 +475,7 @@ class GrowthExecutor:
             "deferred": [r.model_dump(mode="json") for r in self._deferred],
             "records": [r.state_dict() for r in self._records.values()],
             "limits": self.decision_limits.state_dict(),
+            "operators": self.operators.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -492,6 +487,7 @@ class GrowthExecutor:
         self.feed.load_state_dict(state)
         self._deferred = [DecisionRefusal.model_validate(r) for r in state["deferred"]]
         self.decision_limits.load_state_dict(state.get("limits", {}))
+        self.operators.load_state_dict(state.get("operators", {}))
         self._records = {}
         for saved in state["records"]:
             record = Germination.from_state(saved)

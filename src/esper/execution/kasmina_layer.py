@@ -144,13 +144,18 @@ class KasminaLayer(SeedLifecycle):
             for key in guards:
                 del self._forward_pre_hooks[key]
 
-    def _forward_morphed(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base(*args, **kwargs)
+    def _graft_tensors(
+        self, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host's output tensor and the tensor its kernels read (input or output)."""
         base_out = out[0] if self._returns_tuple else out
         if self._reads_input:
-            kernel_in = args[0] if args else next(iter(kwargs.values()))
-        else:
-            kernel_in = base_out
+            return base_out, args[0] if args else next(iter(kwargs.values()))
+        return base_out, base_out
+
+    def _forward_morphed(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        base_out, kernel_in = self._graft_tensors(out, args, kwargs)
         record = self._record_health
         if base_out.is_nested:  # host metadata: TransformerEncoder's nested inference path
             y = blend_sequences(
@@ -186,11 +191,7 @@ class KasminaLayer(SeedLifecycle):
     def _forward_fossilized(self, *args: Any, **kwargs: Any) -> Any:
         """Base output plus fossilized kernels only: plain modules, no guard, no statistics."""
         out = self.base(*args, **kwargs)
-        base_out = out[0] if self._returns_tuple else out
-        if self._reads_input:
-            kernel_in = args[0] if args else next(iter(kwargs.values()))
-        else:
-            kernel_in = base_out
+        base_out, kernel_in = self._graft_tensors(out, args, kwargs)
         if base_out.is_nested:  # per sequence, as the morphed path does it
             y = blend_sequences(
                 base_out,

@@ -154,7 +154,16 @@ def create_engine_for(url: URL) -> Engine:
 
 
 def insert_ignoring_duplicates(conn: Connection, table: Table, values: dict[str, Any]) -> int:
-    """``INSERT … ON CONFLICT DO NOTHING``; returns the number of rows inserted (0 or 1)."""
+    """``INSERT … ON CONFLICT DO NOTHING``; returns the number of rows inserted (0 or 1).
+
+    Counted from ``RETURNING`` rows, not ``rowcount``: PostgreSQL's driver reports -1 for this
+    statement whether or not the row went in.
+    """
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    statement = dialect_insert(table).values(**values).on_conflict_do_nothing()
-    return int(conn.execute(statement).rowcount)
+    statement = (
+        dialect_insert(table)
+        .values(**values)
+        .on_conflict_do_nothing()
+        .returning(*table.primary_key.columns)
+    )
+    return len(conn.execute(statement).fetchall())

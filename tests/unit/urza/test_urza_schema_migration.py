@@ -242,3 +242,24 @@ def test_a_kernel_lookup_that_hits_sends_no_writes(metadata_url: str, tmp_path: 
         assert miss.job is not None and "INSERT" in statements  # a miss queues a compile
     finally:
         library.close()
+
+
+def test_insert_ignoring_duplicates_counts_the_rows_it_inserted(metadata_url: str) -> None:
+    """1 for a new row, 0 for a duplicate, on both backends (PostgreSQL's rowcount said -1)."""
+    from sqlalchemy import Column, String, Table
+
+    from esper.urza.sql_schema import insert_ignoring_duplicates
+
+    probe = MetaData()
+    table = Table("urza_test_insert_probe", probe, Column("key", String(8), primary_key=True))
+    engine = _engine(metadata_url)
+    probe.drop_all(engine)
+    probe.create_all(engine)
+    try:
+        with engine.begin() as conn:
+            assert insert_ignoring_duplicates(conn, table, {"key": "a"}) == 1
+            assert insert_ignoring_duplicates(conn, table, {"key": "a"}) == 0
+            assert insert_ignoring_duplicates(conn, table, {"key": "b"}) == 1
+    finally:
+        probe.drop_all(engine)
+        engine.dispose()

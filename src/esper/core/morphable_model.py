@@ -164,6 +164,7 @@ class MorphableModel(WidenOperations, DeepenMethods):
         next :meth:`step` and ramped by the steps after it. Errors surface through the returned
         future. A name other than a kernel id is resolved first (a quick library lookup).
         """
+        self.check_not_widening(layer_name)
         kernel_id = kernel_loading.resolve_kernel_name(self.kernel_cache, kernel_artifact_id)
         return self.layer(layer_name).request_kernel(seed_idx, kernel_id)
 
@@ -195,6 +196,7 @@ class MorphableModel(WidenOperations, DeepenMethods):
             KernelLoadError: fetching, verifying or grafting failed; the seed is DORMANT again.
         """
         layer = self.layer(layer_name)
+        self.check_not_widening(layer_name)
         return await kernel_loading.load_async(
             layer, seed_idx, kernel_artifact_id, self.kernel_cache, activate=activate
         )
@@ -214,6 +216,7 @@ class MorphableModel(WidenOperations, DeepenMethods):
         ramped by :meth:`step`); ``activate=True`` makes the seed ACTIVE at once.
         """
         timeout = check_timeout(timeout)
+        self.check_not_widening(layer_name)
         return kernel_loading.load_blocking(
             self.layer(layer_name),
             seed_idx,

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from esper.errors import IllegalTransitionError
 from esper.operators.widen import WidenGraft
 from esper.operators.widen_init import GradMaxBatch
 from esper.operators.widenings import Widenings
@@ -47,6 +48,22 @@ class WidenOperations(nn.Module):
             )
             self.__dict__["_widenings"] = found
         return found
+
+    def check_not_widening(self, layer_name: str) -> None:
+        """Refuse a kernel load into a layer that a widen in progress touches: the kernel would
+        be built for the layer's width before the merge, not after it.
+
+        Raises:
+            IllegalTransitionError: naming the widen and the fix (fossilize or cull it first).
+        """
+        widenings: Widenings | None = self.__dict__.get("_widenings")
+        graft = widenings.touching(layer_name) if widenings is not None else None
+        if graft is not None:
+            raise IllegalTransitionError(
+                f"layer {layer_name!r} is part of the widen of {graft.layer_name!r} into "
+                f"{graft.path.consumer!r} ({graft.state.name}); load a kernel there after "
+                f"model.widenings.fossilize({graft.layer_name!r}) or .cull({graft.layer_name!r})"
+            )
 
     def widen(
         self,

@@ -111,6 +111,13 @@ class Widenings:
             widen_ops.advance(graft)
         return graft
 
+    def touching(self, layer_name: str) -> WidenGraft | None:
+        """The widen in progress whose producer, norm or consumer is ``layer_name``, if any."""
+        for graft in self.active().values():
+            if layer_name in (graft.path.producer, graft.path.norm, graft.path.consumer):
+                return graft
+        return None
+
     def get(self, layer_name: str) -> WidenGraft:
         """The widen of ``layer_name`` in progress; :class:`KeyError` naming those there are."""
         try:

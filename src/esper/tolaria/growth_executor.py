@@ -25,8 +25,7 @@ seed stays DORMANT, and a failed compile is reported at the due boundary); at th
 seed is loaded from the cache and grafted, the call waiting for the compile and the load if they
 have not finished (counted in ``counters["stall_ms"]``).
 
-It also publishes the topology and progress a remote controller needs
-(:mod:`~esper.tolaria.controller_feed`).
+It publishes what a remote controller needs too (:mod:`~esper.tolaria.controller_feed`).
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ from esper.contracts import (
     Topic,
 )
 from esper.core import MorphableModel
-from esper.errors import ConfigurationError, EsperError
+from esper.errors import ConfigurationError, EsperError, IllegalTransitionError
 from esper.oona import BackgroundPublisher, MessageBus
 from esper.tamiyo.safety import SafetyGates
 from esper.tezzeret import KernelLookup
@@ -330,9 +329,14 @@ class GrowthExecutor:
             if seed_idx is None:
                 return self._refuse(record.decision, "seed_unavailable", "no DORMANT seed left")
             record.seed_idx = seed_idx
-        record.loading = self.model.request_kernel(
-            record.layer_name, seed_idx=record.seed_idx, kernel_artifact_id=record.kernel.kernel_id
-        )
+        try:  # refused while a widen in progress touches the layer
+            record.loading = self.model.request_kernel(
+                record.layer_name,
+                seed_idx=record.seed_idx,
+                kernel_artifact_id=record.kernel.kernel_id,
+            )
+        except IllegalTransitionError as exc:
+            return self._refuse(record.decision, "illegal_transition", str(exc))
         record.stage = GerminationStage.LOADING
         return None
 

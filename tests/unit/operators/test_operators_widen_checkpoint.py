@@ -127,3 +127,36 @@ def test_a_kernel_grafted_on_a_widened_layer_comes_back_with_it() -> None:
     resumed.load_state_dict(checkpoint)
 
     assert torch.equal(resumed(x), model(x))
+
+
+def test_no_kernel_loads_into_a_layer_a_widen_in_progress_touches() -> None:
+    """A kernel built while a widen blends would be built for the width before the merge: every
+    load into the producer, the norm or the consumer is refused, naming the fix, and changes
+    nothing; once the widen is fossilized the layer takes kernels of its new width."""
+    from esper.contracts import SeedState
+    from esper.errors import IllegalTransitionError
+
+    source = InMemoryArtifactSource()
+    model = esper.wrap(copy.deepcopy(_host()), kernel_source=source)
+    spec = BlueprintSpec(family="lowrank_adapter", params={"rank": 2})
+    before = {name: model.layer(name).target() for name in ("0", "1", "3")}
+    kernels = {
+        name: source.add(create_artifact(spec, target, init_seed=0)[0])
+        for name, target in before.items()
+    }
+    model.widen("0", 4, blend_steps=10)
+
+    for name, kernel_id in kernels.items():
+        with pytest.raises(IllegalTransitionError, match=r"widenings\.fossilize\('0'\)"):
+            model.load_kernel_sync(name, seed_idx=0, kernel_artifact_id=kernel_id)
+        with pytest.raises(IllegalTransitionError, match="part of the widen of '0'"):
+            model.request_kernel(name, seed_idx=0, kernel_artifact_id=kernel_id)
+        assert model.seed_state(name, 0) is SeedState.DORMANT
+
+    for _ in range(10):
+        model.step()
+    model.widenings.fossilize("0")
+    wide = model.layer("0").target()
+    wide_kernel = source.add(create_artifact(spec, wide, init_seed=0)[0])
+    model.load_kernel_sync("0", seed_idx=0, kernel_artifact_id=wide_kernel)
+    assert model.seed_state("0", 0) is SeedState.BLENDING

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from esper.contracts import AdaptationDecision, KernelMetadata
 from esper.core import MorphableModel
 from esper.execution.state_layout import SeedSlot
+from esper.tolaria.graft_judgement import GraftEvidence
 
 Loss = float | torch.Tensor
 """A step's training loss: a Python float, or a scalar tensor (read only at evaluation time)."""
@@ -177,6 +178,46 @@ def materialize(losses: list[Loss]) -> list[float]:
         return [float(x) for x in losses]
     values = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist())
     return [next(values) if isinstance(x, torch.Tensor) else float(x) for x in losses]
+
+
+class EvaluationWindow(Protocol):
+    """What a graft under evaluation records (a kernel's :class:`Germination`, a widen's or
+    deepen's record alike)."""
+
+    decision: AdaptationDecision
+    losses_before: list[Loss]
+    losses_after: list[Loss]
+    metrics_before: dict[str, float]
+    step_times_before: list[float]
+    step_times_after: list[float]
+
+
+def window_evidence(
+    window: EvaluationWindow,
+    step: int,
+    *,
+    metrics_after: Mapping[str, float],
+    kernel_parameters: int,
+    base_parameters: int,
+    faults: int = 0,
+    still_active: bool = True,
+) -> GraftEvidence:
+    """The evidence :func:`~esper.tolaria.graft_judgement.judge_graft` weighs when ``window``
+    ends at ``step`` (its losses read in one transfer)."""
+    return GraftEvidence(
+        decision=window.decision,
+        step=step,
+        losses_before=materialize(window.losses_before),
+        losses_after=materialize(window.losses_after),
+        metrics_before=window.metrics_before,
+        metrics_after=metrics_after,
+        step_times_before=window.step_times_before,
+        step_times_after=window.step_times_after,
+        kernel_parameters=kernel_parameters,
+        base_parameters=base_parameters,
+        faults=faults,
+        still_active=still_active,
+    )
 
 
 def seed_slot(model: MorphableModel, layer_name: str, seed_idx: int) -> SeedSlot:

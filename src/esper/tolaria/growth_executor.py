@@ -65,8 +65,9 @@ from esper.tolaria.germination import (
     RecentSteps,
     materialize,
     seed_slot,
+    window_evidence,
 )
-from esper.tolaria.graft_judgement import GraftEvidence, GraftVerdict, judge_graft
+from esper.tolaria.graft_judgement import GraftVerdict, judge_graft
 from esper.tolaria.operator_growth import OperatorGrowth
 from esper.urza import ArtifactLibrary
 
@@ -391,15 +392,10 @@ class GrowthExecutor:
     def _finish(self, record: Germination, step: int) -> GraftVerdict:
         """Gather the evidence, judge the graft (:func:`judge_graft`) and apply the verdict."""
         layer, seed_idx = record.layer_name, record.seed_idx
-        evidence = GraftEvidence(
-            decision=record.decision,
-            step=step,
-            losses_before=materialize(record.losses_before),
-            losses_after=materialize(record.losses_after),
-            metrics_before=record.metrics_before,
+        evidence = window_evidence(
+            record,
+            step,
             metrics_after=dict(self.evaluate()) if self.evaluate else {},
-            step_times_before=record.step_times_before,
-            step_times_after=record.step_times_after,
             kernel_parameters=record.kernel.parameter_count if record.kernel else 0,
             base_parameters=self._base_parameters,
             faults=seed_slot(self.model, layer, seed_idx).error_count,

@@ -37,8 +37,8 @@ from esper.operators.operator_plan import OperatorPlan, plan_operator
 from esper.tamiyo.safety import SafetyConfig
 from esper.tolaria.controller_feed import ControllerFeed
 from esper.tolaria.decision_limits import DecisionGuard, KernelCost, training_refusal
-from esper.tolaria.germination import Loss, RecentSteps, materialize
-from esper.tolaria.graft_judgement import GraftEvidence, judge_graft
+from esper.tolaria.germination import Loss, RecentSteps, materialize, window_evidence
+from esper.tolaria.graft_judgement import judge_graft
 from esper.tolaria.operator_config import OperatorsSection
 
 logger = logging.getLogger(__name__)
@@ -172,15 +172,10 @@ class OperatorGrowth:
         return done
 
     def _finish(self, graft: OperatorGraft, step: int, done: OperatorStep) -> None:
-        evidence = GraftEvidence(
-            decision=graft.decision,
-            step=step,
-            losses_before=materialize(graft.losses_before),
-            losses_after=materialize(graft.losses_after),
-            metrics_before=graft.metrics_before,
+        evidence = window_evidence(
+            graft,
+            step,
             metrics_after=dict(self.evaluate()) if self.evaluate else {},
-            step_times_before=graft.step_times_before,
-            step_times_after=graft.step_times_after,
             kernel_parameters=graft.plan.parameters,
             base_parameters=self._base_parameters,
         )
